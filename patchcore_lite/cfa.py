@@ -1,0 +1,398 @@
+"""CFA: Lee, Lee and Song, "CFA: Coupled-hypersphere-based Feature Adaptation for Target-Oriented
+Anomaly Localization", IEEE Access 10, 2022 (arXiv 2206.04325).
+
+PatchCore compares test patches with ImageNet features as they are. CFA adapts them to the target
+data first: a small learnable *patch descriptor* phi maps every patch feature p_t into a space where
+normal patches sit inside small hyperspheres around the vectors of a *memory bank* C, so that an
+abnormal patch, which no training pushed there, ends up far away.
+
+* Features (Sec. 3, as the official code): the first three stages (``layer1``-``layer3``), each
+  averaged over 3 x 3 neighbourhoods, upsampled bilinearly to ``layer1``'s grid (stride 4: 56 x 56
+  at 224) and concatenated: ``patches.patch_features``. 176 channels for EfficientNet-Lite0,
+  1792 for WRN50.
+* Patch descriptor phi: a 1 x 1 CoordConv, i.e. one linear map of ``[p_t, y_t, x_t]`` (the patch
+  feature and its grid coordinates in [-1, 1]) to D // gamma_d channels.
+* Memory bank C: the mean of phi(p_t) over the training images, one vector per grid position,
+  computed once with the untrained phi. Its size is h * w, whatever the number of training images
+  ("scalable memory bank"); K-means with h * w // gamma_c clusters compresses it further. Frozen.
+* Loss (coupled hyperspheres): with ``D_t^k`` the squared distance of phi(p_t) to its k-th nearest
+  memory vector (over the whole bank), the K nearest are attracted into the sphere of radius r and
+  the next J ("hard negatives") repelled:
+
+      L_att = 1/(T K) sum_t sum_{k=1..K}     max(0, D_t^k - r^2)          / nu
+      L_rep = 1/(T J) sum_t sum_{j=K+1..K+J} max(0, r^2 - D_t^j - alpha)  / nu
+      L_CFA = L_att + L_rep
+
+  (1/nu as the official code, nu = 1e-3; alpha = 0.1; K = J = 3.)
+* Score: with d_t^k the Euclidean distances to the K nearest memory vectors,
+  ``A_t = softmin(d_t^1..d_t^K)_1 * d_t^1``: the nearest distance weighted by how much nearer the
+  nearest vector is than the next ones (certainty). Maps are upsampled bilinearly and blurred with
+  sigma = 4 (``scoring.anomaly_maps``); the image score is the map's maximum.
+
+Where the official code (sungwool/CFA_for_anomaly_localization) and anomalib differ, and what we do:
+
+=====================  ===========================  ==========================  ====================
+point                  official                     anomalib                    here (default)
+=====================  ===========================  ==========================  ====================
+radius r               nn.Parameter, learned        a plain tensor: never       ``learn_radius=True``
+                       (AdamW, weight decay too)    learned, stays 1e-5         (official); False =
+                                                                                anomalib
+repulsion neighbours   ``dist[..., J:]`` (= K+1..   same as official            K+1 .. K+J (equal for
+                       K+J only because K = J)                                  K = J)
+coarser stages         pooled, then upsampled       *unpooled* map upsampled    pooled (official)
+                                                    (a bug in its Descriptor)
+memory-bank mean       mean of batch means          same                        exact mean over all
+                       (exact only with equal                                   images (float64)
+                       batches: drop_last)
+model selection        best epoch *on the test      last epoch                  best epoch on a held-
+                       set*, each metric apart                                  out split of training
+                                                                                normals + cut-paste
+epochs                 30                           30 (max_epochs)             ``epochs`` (fast: 8);
+                                                                                ``PAPER_EPOCHS`` = 30
+K-means                sklearn, 3000 iterations,    same                        sklearn, seeded,
+                       unseeded                                                 n_init=1
+=====================  ===========================  ==========================  ====================
+
+Note what r's start value implies: r^2 = 1e-10, so ``L_rep`` is zero until r^2 exceeds alpha
+(r > 0.32). With a learned r AdamW grows it by about ``lr`` per step while L_att is active, so
+repulsion switches on after a few hundred steps; with anomalib's fixed r it never does, and
+anomalib trains with L_att alone.
+
+Model selection never looks at the test set: ``val_fraction`` of the training normals are held
+out (seeded), each also gets ``val_anomalies`` cut-paste copies (Li et al., CVPR 2021: a
+rectangle of another held-out image pasted, flipped, at a random place; the rectangle is the
+mask), and the epoch with the best mean of image AUROC, pixel AUROC and AUPRO on that
+validation set is kept (epoch 0, the untrained descriptor, included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .backbone import Backbone
+from .datasets import Preprocess
+from .metrics import evaluate
+from .model import Data, image_batches
+from .patches import patch_features
+from .scoring import anomaly_maps
+
+PAPER_EPOCHS = 30
+
+
+@dataclass(frozen=True)
+class CFAConfig:
+    """All settings of CFA; defaults follow the official code except backbone and ``epochs``."""
+
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    pretrained: bool = True
+    resize: int | tuple[int, int] = 256
+    crop: int | None = 224
+    gamma_d: int = 1  # descriptor output = D // gamma_d channels
+    gamma_c: int = 1  # memory bank = h * w // gamma_c vectors (K-means when > 1)
+    k: int = 3  # K nearest memory vectors: attracted, and scored
+    j: int = 3  # J hard negatives after them: repelled
+    alpha: float = 0.1  # repulsion margin
+    nu: float = 1e-3  # losses are divided by nu
+    radius: float = 1e-5  # initial r
+    learn_radius: bool = True  # official: r is learned; anomalib: fixed
+    epochs: int = 8  # fast path; the paper trains PAPER_EPOCHS
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    sigma: float = 4.0
+    val_fraction: float = 0.2  # held-out training normals for model selection; 0 = keep the last epoch
+    val_anomalies: int = 2  # cut-paste copies per held-out image
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.gamma_d < 1 or self.gamma_c < 1 or self.k < 1 or self.j < 0:
+            raise ValueError("gamma_d, gamma_c and k must be >= 1, j >= 0")
+        if self.epochs < 0 or self.batch_size < 1 or not 0 <= self.val_fraction < 1:
+            raise ValueError("need epochs >= 0, batch_size >= 1 and 0 <= val_fraction < 1")
+
+
+# ----------------------------------------------------------------------------- descriptor
+
+
+def coordinate_channels(h: int, w: int) -> torch.Tensor:
+    """CoordConv's two extra channels (Liu et al. 2018) as (h, w, 2): row y, then column x, in [-1, 1]."""
+    y = torch.linspace(-1, 1, h) if h > 1 else torch.zeros(1)
+    x = torch.linspace(-1, 1, w) if w > 1 else torch.zeros(1)
+    return torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1)
+
+
+class PatchDescriptor(nn.Module):
+    """phi: a 1 x 1 CoordConv from D feature channels (+ 2 coordinates) to D // gamma_d.
+
+    Works channels-last, (B, h, w, D) -> (B, h, w, D // gamma_d): a 1 x 1 convolution is a linear
+    map per position, and ``nn.Linear`` has the same default initialisation as ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_dim: int, gamma_d: int = 1) -> None:
+        super().__init__()
+        if in_dim // gamma_d < 1:
+            raise ValueError(f"gamma_d = {gamma_d} leaves no channels of {in_dim}")
+        self.layer = nn.Linear(in_dim + 2, in_dim // gamma_d)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = features.shape
+        coords = coordinate_channels(h, w).to(features).expand(b, h, w, 2)
+        return self.layer(torch.cat([features, coords], dim=-1))
+
+
+# ----------------------------------------------------------------------------- memory bank
+
+
+def compress_bank(bank: torch.Tensor, gamma_c: int, seed: int = 0) -> torch.Tensor:
+    """K-means centres of the bank, ``len(bank) // gamma_c`` of them (gamma_c = 1: the bank as is)."""
+    if gamma_c == 1:
+        return bank
+    from sklearn.cluster import KMeans
+
+    n_clusters = len(bank) // gamma_c
+    if n_clusters < 1:
+        raise ValueError(f"gamma_c = {gamma_c} leaves no memory vectors of {len(bank)}")
+    kmeans = KMeans(n_clusters=n_clusters, n_init=1, max_iter=3000, random_state=seed)
+    return torch.from_numpy(kmeans.fit(bank.double().numpy()).cluster_centers_).to(bank.dtype)
+
+
+# ----------------------------------------------------------------------------- loss and score
+
+
+def nearest_squared(phi: torch.Tensor, bank: torch.Tensor, n: int, chunk: int = 4096) -> torch.Tensor:
+    """Squared Euclidean distances (N, n) of rows of ``phi`` (N, D) to their n nearest bank rows, ascending.
+
+    The search uses ``|a|^2 + |c|^2 - 2 a.c`` (one matrix product, as the official code) without
+    gradients, in chunks of rows; then only the n distances found are recomputed directly, with
+    gradients: the loss's gradient is the same (only the selected distances carry one), and the
+    backward pass costs N * n * D instead of N * M * D.
+    """
+    n = min(n, len(bank))
+    bank_sq = (bank * bank).sum(dim=1)
+    with torch.no_grad():
+        idx = torch.cat([
+            torch.addmm(bank_sq, rows, bank.T, alpha=-2).topk(n, dim=1, largest=False).indices
+            for rows in phi.detach().split(chunk)
+        ])
+    dots = torch.bmm(bank[idx], phi[:, :, None])[..., 0]  # (N, n)
+    dist = (phi * phi).sum(dim=1, keepdim=True) + bank_sq[idx] - 2 * dots
+    return dist.clamp_min(0).sort(dim=1).values
+
+
+def cfa_loss(
+    dist_sq: torch.Tensor, radius: torch.Tensor | float, k: int = 3, alpha: float = 0.1, nu: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_att, L_rep) of the paper's coupled-hypersphere loss, from ascending squared distances (..., K + J).
+
+    L_att = mean over patches and the K nearest of max(0, D^k - r^2) / nu;
+    L_rep = mean over patches and the next J of max(0, r^2 - D^j - alpha) / nu (0 if J = 0).
+    """
+    r2 = torch.as_tensor(radius) ** 2
+    att = torch.relu(dist_sq[..., :k] - r2).mean() / nu
+    hard = dist_sq[..., k:]
+    rep = torch.relu(r2 - hard - alpha).mean() / nu if hard.shape[-1] else att.new_zeros(())
+    return att, rep
+
+
+def softmin_score(dist: torch.Tensor) -> torch.Tensor:
+    """A_t = softmin(d^1..d^K)_1 * d^1 for ascending Euclidean distances (..., K) -> (...)."""
+    return torch.softmax(-dist, dim=-1)[..., 0] * dist[..., 0]
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def split_indices(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train, validation) indices: a seeded random ``fraction`` of n held out, at least one kept for training."""
+    n_val = min(round(n * fraction), n - 1) if n > 1 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def cut_paste(
+    images: torch.Tensor, copies: int = 1, seed: int = 0, area: tuple[float, float] = (0.02, 0.15)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutPaste anomalies (Li et al., CVPR 2021): (copies * N, 3, H, W) images and (copies * N, H, W) masks.
+
+    Each copy of image i gets a rectangle (``area`` of the image, aspect ratio 1/3 .. 3) cut from
+    another of the images (i itself if there is only one) at a random place, flipped left-right
+    with probability 1/2, and pasted at another random place; the mask is that rectangle.
+    """
+    rng = np.random.default_rng(seed)
+    n, _, h, w = images.shape
+    out = images.repeat(copies, 1, 1, 1)
+    masks = torch.zeros(len(out), h, w)
+    for i in range(len(out)):
+        size = rng.uniform(*area) * h * w
+        aspect = math.exp(rng.uniform(math.log(1 / 3), math.log(3)))
+        ph = min(h - 1, max(2, round(math.sqrt(size * aspect))))
+        pw = min(w - 1, max(2, round(math.sqrt(size / aspect))))
+        source = (i % n + rng.integers(1, n)) % n if n > 1 else 0
+        sy, sx, dy, dx = (int(rng.integers(0, lim)) for lim in (h - ph, w - pw, h - ph, w - pw))
+        patch = images[source, :, sy : sy + ph, sx : sx + pw]
+        out[i, :, dy : dy + ph, dx : dx + pw] = patch.flip(-1) if rng.random() < 0.5 else patch
+        masks[i, dy : dy + ph, dx : dx + pw] = 1
+    return out, masks
+
+
+def _subset(data: Data, indices: list[int]) -> Data:
+    if isinstance(data, torch.Tensor):
+        return data[indices]
+    if isinstance(data, torch.utils.data.Dataset):
+        return torch.utils.data.Subset(data, indices)
+    return [data[i] for i in indices]
+
+
+# ----------------------------------------------------------------------------- the detector
+
+
+class CFA:
+    """CFA detector: ``fit`` builds the memory bank and trains the descriptor, ``score_batch`` scores.
+
+    Args:
+        config: a ``CFAConfig``; keyword ``overrides`` replace its fields.
+        weights_path: backbone weights file instead of the default source.
+        device: where the backbone, descriptor and distances run.
+
+    After ``fit``: ``memory_bank`` (M, D'), ``radius``, ``history`` (one dict per epoch, 0 = before
+    training: losses, r and the validation metrics) and ``best_epoch`` (the epoch kept).
+    """
+
+    def __init__(
+        self, config: CFAConfig | None = None, weights_path: str | Path | None = None, device: str = "cpu", **overrides
+    ) -> None:
+        self.config = c = replace(config or CFAConfig(), **overrides)
+        self.device = torch.device(device)
+        self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
+        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+        with torch.random.fork_rng():
+            torch.manual_seed(c.seed)
+            self.descriptor = PatchDescriptor(sum(self.backbone.channels), c.gamma_d).to(self.device)
+        self.radius = nn.Parameter(torch.tensor(c.radius, device=self.device), requires_grad=c.learn_radius)
+        self.memory_bank: torch.Tensor | None = None
+        self.history: list[dict[str, float]] = []
+        self.best_epoch = 0
+
+    # ---- features -------------------------------------------------------------------
+    @torch.no_grad()  # not inference_mode: cached features are inputs of the descriptor's backward pass
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features p_t (B, h, w, D): 3 x 3 means of the three stages on the finest grid."""
+        return patch_features(self.backbone(images.to(self.device)), patch_size=3).float()
+
+    def _features(self, data: Data, progress: bool, desc: str) -> torch.Tensor:
+        return torch.cat([self.extract(b) for b in image_batches(data, self.preprocess, self.config.batch_size,
+                                                                 progress, desc)])
+
+    def _distances(self, phi: torch.Tensor, n: int) -> torch.Tensor:
+        assert self.memory_bank is not None
+        return nearest_squared(phi.flatten(0, 2), self.memory_bank, n).unflatten(0, phi.shape[:3])
+
+    # ---- fit --------------------------------------------------------------------------
+    def fit(self, data: Data, progress: bool = True) -> CFA:
+        """Hold out a validation split, build the memory bank, train phi with L_CFA, keep the best epoch."""
+        c = self.config
+        if len(data) == 0:
+            raise ValueError("no images given: the folder or list is empty")
+        train_idx, val_idx = split_indices(len(data), c.val_fraction, c.seed)
+        feats = self._features(_subset(data, train_idx), progress, "CFA features (train)")
+        self.memory_bank = self._build_bank(feats)
+        val = self._validation_set(_subset(data, val_idx), progress) if val_idx else None
+        optimizer = torch.optim.AdamW(
+            [*self.descriptor.parameters(), self.radius], lr=c.lr, weight_decay=c.weight_decay, amsgrad=True
+        )
+        generator = torch.Generator().manual_seed(c.seed)
+        self.history = [self._record(0, *self._epoch(feats, None, generator), val)]
+        best = (self.history[0].get("val_score", 0.0), self._state())
+        self.best_epoch = 0
+        bar = tqdm(range(1, c.epochs + 1), desc="CFA training", disable=not progress, unit="epoch")
+        for epoch in bar:
+            self.history.append(self._record(epoch, *self._epoch(feats, optimizer, generator), val))
+            bar.set_postfix({k: f"{v:.4g}" for k, v in self.history[-1].items() if k in ("loss", "val_score")})
+            if val is None or self.history[-1]["val_score"] > best[0]:
+                best = (self.history[-1].get("val_score", 0.0), self._state())
+                self.best_epoch = epoch
+        self.descriptor.load_state_dict(best[1]["descriptor"])
+        self.radius.data.copy_(best[1]["radius"])
+        return self
+
+    @torch.no_grad()
+    def _build_bank(self, feats: torch.Tensor) -> torch.Tensor:
+        """C: mean of phi(p_t) over the training images per position (float64 sum), then K-means."""
+        total = sum(self.descriptor(f).double().sum(dim=0) for f in feats.split(self.config.batch_size))
+        bank = (total / len(feats)).float().flatten(0, 1)  # (h * w, D')
+        return compress_bank(bank.cpu(), self.config.gamma_c, self.config.seed).to(self.device)
+
+    def _validation_set(self, data: Data, progress: bool) -> dict[str, torch.Tensor]:
+        """Held-out normals and their cut-paste copies: features, labels and masks."""
+        images = torch.cat(list(image_batches(data, self.preprocess, self.config.batch_size, progress, "CFA validation")))
+        pasted, pasted_masks = cut_paste(images, self.config.val_anomalies, self.config.seed)
+        normals = torch.zeros(len(images), *images.shape[-2:])
+        return {
+            "features": torch.cat([self._features(x, False, "") for x in (images, pasted)]),
+            "labels": torch.cat([torch.zeros(len(images)), torch.ones(len(pasted))]),
+            "masks": torch.cat([normals, pasted_masks]),
+        }
+
+    def _epoch(
+        self, feats: torch.Tensor, optimizer: torch.optim.Optimizer | None, generator: torch.Generator
+    ) -> tuple[float, float]:
+        """One pass over the training features in seeded random batches; None: only measure the loss."""
+        c, att_sum, rep_sum = self.config, 0.0, 0.0
+        order = torch.randperm(len(feats), generator=generator) if optimizer else torch.arange(len(feats))
+        for batch in order.split(c.batch_size):
+            with torch.set_grad_enabled(optimizer is not None):
+                att, rep = cfa_loss(self._distances(self.descriptor(feats[batch]), c.k + c.j), self.radius, c.k,
+                                    c.alpha, c.nu)
+            if optimizer is not None:
+                optimizer.zero_grad()
+                (att + rep).backward()
+                optimizer.step()
+            att_sum += att.item() * len(batch)
+            rep_sum += rep.item() * len(batch)
+        return att_sum / len(feats), rep_sum / len(feats)
+
+    def _record(self, epoch: int, att: float, rep: float, val: dict[str, torch.Tensor] | None) -> dict[str, float]:
+        row = {"epoch": epoch, "loss": att + rep, "l_att": att, "l_rep": rep, "radius": self.radius.item()}
+        if val is not None:
+            scores, maps = self._score_features(val["features"], tuple(val["masks"].shape[-2:]))
+            metrics = evaluate(val["labels"].numpy(), scores.numpy(), val["masks"].numpy(), maps.numpy())
+            row |= {f"val_{k}": v for k, v in metrics.items()}
+            row["val_score"] = float(np.mean(list(metrics.values())))
+        return row
+
+    def _state(self) -> dict[str, object]:
+        return {"descriptor": {k: v.clone() for k, v in self.descriptor.state_dict().items()},
+                "radius": self.radius.detach().clone()}
+
+    # ---- score ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score_features(self, feats: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, maps = [], []
+        for part in feats.split(self.config.batch_size):
+            dist = self._distances(self.descriptor(part), self.config.k).sqrt()
+            m = anomaly_maps(softmin_score(dist), size, self.config.sigma).cpu()
+            scores.append(m.flatten(1).amax(dim=1))
+            maps.append(m)
+        return torch.cat(scores), torch.cat(maps)
+
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) and anomaly maps (B, H, W) of normalised images: A_t, upsampled, blurred, max."""
+        if self.memory_bank is None:
+            raise RuntimeError("this CFA has no memory bank yet: call fit() first")
+        return self._score_features(self.extract(images), tuple(images.shape[-2:]))
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the model keeps per category: the memory bank and the descriptor's weights (plus r)."""
+        if self.memory_bank is None:
+            return 0
+        tensors = [self.memory_bank, self.radius, *self.descriptor.parameters()]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,202 @@
+"""Command line: ``python -m patchcore_lite {demo,fit,predict,evaluate}``.
+
+    python -m patchcore_lite demo                          # embedded synthetic data, seconds
+    python -m patchcore_lite evaluate path/to/mvtec/bottle # fit on train/good, score test/
+    python -m patchcore_lite fit path/to/bottle --model bottle.npz
+    python -m patchcore_lite predict --model bottle.npz img1.png folder/ --out preds/
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .datasets import (
+    IMAGE_SUFFIXES,
+    MTD_PREPROCESS,
+    MVTEC_PREPROCESS,
+    Preprocess,
+    dataset_kind,
+    find_categories,
+    load_image,
+    train_test_samples,
+)
+from .errors import PatchCoreError
+from .metrics import format_table, write_results
+from .model import PatchCore, PatchCoreConfig
+from .pipeline import Result, fit_evaluate
+
+EPILOG = """\
+Folder layouts:
+  MVTec AD     CATEGORY/train/good/*.png, CATEGORY/test/<defect>/*.png,
+               CATEGORY/ground_truth/<defect>/<name>_mask.png
+               (ROOT may be one category or a folder of categories)
+  Magnetic Tile Defects   MT_Free/Imgs/*.jpg (normal), MT_<defect>/Imgs/*.jpg + .png masks
+Backbones: efficientnet_lite0 (default, offline), efficientnet_lite1/2, wide_resnet50_2 (the paper's;
+downloads torchvision weights, or --weights FILE), resnet18.
+"""
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    d = PatchCoreConfig()
+    g = p.add_argument_group("model settings (defaults follow the paper; see patchcore_lite/model.py)")
+    g.add_argument("--backbone", default=d.backbone, help="feature extractor (default: %(default)s)")
+    g.add_argument("--weights", type=Path, help="backbone weights file (state dict) instead of the default source")
+    g.add_argument("--layers", nargs="+", default=list(d.layers), help="stages to read (default: %(default)s)")
+    g.add_argument("--random-init", action="store_true", help="random backbone weights (tests only: poor results)")
+    g.add_argument("--resize", type=int, help="shorter side before cropping (default: 256; MTD: whole tile to 224x224)")
+    g.add_argument("--crop", type=int, help="center crop (default: 224; MTD: none)")
+    g.add_argument("--patch-size", type=int, default=d.patch_size, help="neighbourhood p of eq. 1 (default: %(default)s)")
+    g.add_argument("--feature-mode", choices=["avgpool", "official"], default=d.feature_mode,
+                   help="patch feature construction (default: %(default)s)")
+    g.add_argument("--coreset-ratio", type=float, default=d.coreset_ratio,
+                   help="fraction of patches kept in the memory bank (default: %(default)s)")
+    g.add_argument("--coreset-method", choices=["greedy", "random"], default=d.coreset_method,
+                   help="greedy k-center (Algorithm 1) or random subsampling (default: %(default)s)")
+    g.add_argument("--no-reweight", action="store_true", help="image score = max patch distance (official code) "
+                   "instead of the paper's eq. 7 reweighting")
+    g.add_argument("--knn", choices=["faiss", "torch"], default=d.knn_backend, help="search backend (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="fixes coreset and data split (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)")
+
+
+def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
+    """Settings from the options; size defaults depend on the dataset kind."""
+    base = MTD_PREPROCESS if root is not None and dataset_kind(root) == "mtd" else MVTEC_PREPROCESS
+    return PatchCoreConfig(
+        backbone=args.backbone, layers=tuple(args.layers), pretrained=not args.random_init,
+        resize=args.resize or base.resize, crop=args.crop if args.crop is not None else base.crop,
+        patch_size=args.patch_size, feature_mode=args.feature_mode, coreset_ratio=args.coreset_ratio,
+        coreset_method=args.coreset_method, reweight=not args.no_reweight, knn_backend=args.knn,
+        seed=args.seed, batch_size=args.batch_size,
+    )
+
+
+def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> list[Result]:
+    """Fit and evaluate each category, writing results as each one finishes."""
+    results, rows = [], []
+    out.mkdir(parents=True, exist_ok=True)
+    for root in roots:
+        model = PatchCore(_config(args, root), weights_path=args.weights)
+        print(f"\n== {root.name}: {model.config.backbone}, coreset {model.config.coreset_ratio:.0%}")
+        result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures)
+        results.append(result)
+        rows.append(result.row(memory_bank=len(model.memory_bank)))
+        write_results(rows, out / "results.csv")  # after every category: nothing finished is lost
+        write_results(rows, out / "results.json")
+        if args.figures:
+            _figures(result, out, model.preprocess)
+    print("\n" + format_table(rows))
+    print(f"\nresults: {out / 'results.csv'}")
+    return results
+
+
+def _figures(result: Result, out: Path, preprocess: Preprocess) -> None:
+    """Examples with maps and a ROC curve per category, as PNG files."""
+    from . import viz
+
+    images = [preprocess.unnormalize(preprocess.image(load_image(p))) for p in result.paths]
+    fig = viz.plot_examples(images, result.maps, result.masks, result.scores, result.labels,
+                            title=f"{result.name}: test images, ground truth, anomaly map")
+    fig.savefig(out / f"{result.name}_examples.png", dpi=100, bbox_inches="tight")
+    fig = viz.plot_roc(result.labels, result.scores, label=result.name).figure
+    fig.savefig(out / f"{result.name}_roc.png", dpi=100, bbox_inches="tight")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .synthetic import ensure_synthetic
+
+    root = ensure_synthetic()
+    print(f"synthetic data (generated deterministically): {root}")
+    roots = find_categories(root)
+    if args.category:
+        roots = [r for r in roots if r.name in args.category]
+    args.figures = True
+    results = _evaluate_all(roots, args, args.out)
+    mean = np.mean([r.metrics["image_auroc"] for r in results])
+    print(f"mean image AUROC over {len(results)} synthetic categories: {mean:.3f}; figures in {args.out}/")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    _evaluate_all(find_categories(args.root), args, args.out)
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    train, _ = train_test_samples(args.root, seed=args.seed)
+    model = PatchCore(_config(args, args.root), weights_path=args.weights).fit(train)
+    print(f"memory bank: {len(model.memory_bank)} of {model.n_train_patches} patches; saved {model.save(args.model)}")
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    files = []
+    for p in paths:
+        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    model = PatchCore.load(args.model, weights_path=args.weights)
+    files = _expand(args.images)
+    pred = model.predict(files)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "scores.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "score"), *((str(p), f"{s:.6f}") for p, s in zip(files, pred.scores))])
+    np.savez_compressed(args.out / "maps.npz", maps=pred.maps.astype(np.float16), paths=np.array([str(p) for p in files]))
+    for p, s in zip(files, pred.scores):
+        print(f"{s:10.4f}  {p}")
+    print(f"scores: {args.out / 'scores.csv'}, maps: {args.out / 'maps.npz'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m patchcore_lite",
+        description="PatchCore anomaly detection (Roth et al., CVPR 2022): learn what normal looks like from "
+        "defect-free images, then score new images and locate anomalies.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"patchcore_lite {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run end to end on the embedded synthetic data (seconds; start here)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder (default: %(default)s)")
+    p.add_argument("--category", nargs="*", help="only these synthetic categories")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="fit on a folder's train/good and report AUROC / AUPRO on its test set",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", type=Path, help="an MVTec-layout category, a folder of categories, or Magnetic Tile Defects")
+    p.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="results folder (default: %(default)s)")
+    p.add_argument("--figures", action="store_true", help="also save example and ROC figures")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("fit", help="fit on a folder's normal training images and save the model (.npz)")
+    p.add_argument("root", type=Path, help="an MVTec-layout category or Magnetic Tile Defects")
+    p.add_argument("--model", type=Path, required=True, help="where to save the model, e.g. bottle.npz")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("predict", help="score images (files or folders) with a saved model")
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("--model", type=Path, required=True, help="a model saved by `fit`")
+    p.add_argument("--weights", type=Path, help="backbone weights file, if the model needs one")
+    p.add_argument("--out", type=Path, default=Path("runs/predict"), help="where scores.csv and maps.npz go")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PatchCoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,375 @@
+"""Coreset subsampling of the memory bank (PatchCore, Roth et al. 2022, Sec. 3.2, Algorithm 1).
+
+Algorithm 1 (greedy coreset selection) projects the patch features with a random
+linear map psi (Johnson-Lindenstrauss) and then runs greedy k-center: each step
+adds the point farthest from the current coreset,
+
+    m_i = argmax_{m in M - M_C} min_{n in M_C} ||psi(m) - psi(n)||_2,
+
+so the coreset covers the bank with a small radius (minimax facility location).
+
+Two implementations return the *same indices*:
+
+* ``fast=False``: the plain loop. Each step streams the whole bank once to get
+  the distances to the new pick and takes an in-place minimum. Memory-bound.
+* ``fast=True`` (default): the same greedy choices with far fewer bytes moved.
+  Points are grouped into blocks (k-means); each block keeps the maximum of its
+  points' min-distances, an upper bound while the block is stale. Only the block
+  with the largest bound is brought up to date, against all picks it has not
+  seen at once (a matrix product instead of one bank scan per pick); picks that
+  the triangle inequality shows cannot reach the block are skipped. The matrix
+  product is only a filter with a proven error bound: every distance that can
+  change a min-distance is recomputed with the plain loop's own arithmetic, so
+  the selected indices are identical, ties included (lowest index wins).
+
+Distances are squared Euclidean distances ``|x|^2 - 2 x.c + |c|^2`` (clamped at
+0) of mean-centred features; squaring does not change any argmax or minimum.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+STARTS = ("official", "single")
+METHODS = ("greedy", "random")
+_UNIT = 2.0**-24  # float32 unit roundoff
+_HOT = 16384  # fast path: points kept up to date per pick (about 8 MB at d = 128)
+_COMPACT_EVERY = 32  # picks between checks whether the hot set can shrink
+_LAG_RATIO = 1.25  # catch-up groups points whose missed-pick counts differ by < 25%
+_FILTER_ELEMS = 1 << 21  # entries of one filter matrix product (8 MB)
+
+
+def jl_dimension(n: int, eps: float) -> int:
+    """Smallest dimension for a Johnson-Lindenstrauss embedding of ``n`` points with distortion ``eps``.
+
+    ``4 ln(n) / (eps^2/2 - eps^3/3)``, the bound of Dasgupta and Gupta used by
+    ``sklearn.random_projection.johnson_lindenstrauss_min_dim`` (same rounding down).
+    """
+    if n < 1:
+        raise ValueError(f"need at least one point, got n={n}")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps must be in (0, 1), got {eps}")
+    return int(4 * math.log(n) / (eps**2 / 2 - eps**3 / 3))
+
+
+def random_projection(features: Tensor, dim: int = 128, eps: float | None = None, seed: int = 0) -> Tensor:
+    """Algorithm 1's psi: features (N, D) times a random Gaussian matrix (D, d), entries N(0, 1/d).
+
+    N(0, 1/d) entries keep squared distances unbiased (E|psi(x)|^2 = |x|^2), so
+    the JL guarantee applies as stated. The official code uses the default init
+    of ``torch.nn.Linear(D, 128, bias=False)``, uniform U(-1/sqrt(D), 1/sqrt(D));
+    that only rescales all distances, which greedy selection ignores. With
+    ``eps`` the dimension is ``jl_dimension(N, eps)`` (anomalib: eps = 0.9,
+    sparse projection). If d >= D the features are returned unchanged: a
+    projection could not make the search cheaper.
+    """
+    _check_features(features)
+    n, big_d = features.shape
+    d = max(1, jl_dimension(n, eps)) if eps is not None else dim
+    if d < 1:
+        raise ValueError(f"projection dimension must be >= 1, got {d}")
+    if d >= big_d:
+        return features
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(big_d, d, generator=g) / math.sqrt(d)
+    return features.float() @ w
+
+
+def random_coreset(n: int, n_select: int, seed: int = 0) -> Tensor:
+    """Baseline: ``n_select`` distinct indices drawn uniformly from ``range(n)``."""
+    _check_n_select(n, n_select)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:n_select]
+
+
+def coreset_radius(projected: Tensor, indices: Tensor, chunk_size: int = 4096) -> float:
+    """Coverage radius ``max_m min_{n in coreset} ||m - n||_2`` (the k-center objective).
+
+    Computed by direct differences in float64, in chunks (no N x N matrix).
+    """
+    _check_features(projected)
+    sel = projected[indices].double()
+    radius = 0.0
+    for chunk in projected.double().split(chunk_size):
+        radius = max(radius, torch.cdist(chunk, sel).amin(dim=1).max().item())
+    return radius
+
+
+def greedy_coreset(
+    projected: Tensor,
+    n_select: int,
+    start: str = "official",
+    num_starts: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+    fast: bool = True,
+) -> Tensor:
+    """Algorithm 1: exact greedy k-center on (already projected) features (N, d); returns (n_select,) int64.
+
+    ``start="official"``: ``num_starts`` random points initialise each point's
+    min-distance to its *mean* distance to them; they are not selected (the
+    official ``ApproximateGreedyCoresetSampler``). ``start="single"``: one random
+    point is the first pick (textbook k-center, anomalib). Ties pick the lowest
+    index. ``fast`` only changes the speed, never the result.
+    """
+    _check_features(projected)
+    n = len(projected)
+    _check_n_select(n, n_select)
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    if num_starts < 1:
+        raise ValueError(f"num_starts must be >= 1, got {num_starts}")
+    # Distances are translation invariant; centring keeps |x|^2 - 2x.c + |c|^2 accurate.
+    x = projected.float()
+    x = (x - x.double().mean(dim=0).float()).contiguous()
+    xsq = (x * x).sum(dim=1)
+    rng = np.random.default_rng(seed)
+    xt = x.T.contiguous()  # (d, N): x[i] @ xt reads the bank contiguously
+    if start == "single":
+        picks = [int(rng.integers(n))]
+        mindist = _distances_to(x, xt, xsq, picks[0])
+    else:
+        starts = rng.choice(n, size=min(num_starts, n), replace=False)
+        picks, mindist = [], _mean_start_distance(x, xt, xsq, starts)
+    bar = tqdm(total=n_select, initial=len(picks), desc="greedy coreset", disable=not progress, leave=False)
+    with torch.no_grad(), bar:
+        if fast and _kernels_match(x, xt, xsq, rng):
+            del xt  # the fast path never scans the whole bank
+            _LazyGreedy(x, xsq, picks, mindist, n_select).run(bar)
+        else:
+            _greedy_plain(x, xt, xsq, picks, mindist, n_select, bar)
+    return torch.tensor(picks, dtype=torch.long)
+
+
+def select_coreset(
+    features: Tensor,
+    ratio: float = 0.1,
+    method: str = "greedy",
+    projection_dim: int = 128,
+    eps: float | None = None,
+    start: str = "official",
+    seed: int = 0,
+    progress: bool = False,
+) -> Tensor:
+    """Indices (int64) of the memory-bank coreset: ``max(1, int(N * ratio))`` of the N features.
+
+    ``int`` rounds down, as the official code; ``max(1, .)`` keeps a tiny bank
+    non-empty. ``ratio=1`` returns every index in order. ``method="greedy"`` is
+    Algorithm 1 (random projection to ``projection_dim``, or the JL dimension
+    for ``eps``, then greedy k-center); ``"random"`` is the paper's baseline.
+    """
+    _check_features(features)
+    if not 0 < ratio <= 1:
+        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+    if method not in METHODS:
+        raise ValueError(f"coreset method must be one of {METHODS}, got {method!r}")
+    n = len(features)
+    n_select = max(1, int(n * ratio))
+    if n_select == n:
+        return torch.arange(n)
+    if method == "random":
+        return random_coreset(n, n_select, seed)
+    projected = random_projection(features, projection_dim, eps, seed)
+    return greedy_coreset(projected, n_select, start, seed=seed, progress=progress)
+
+
+# ---- checks -------------------------------------------------------------------
+
+
+def _check_features(features: Tensor) -> None:
+    if not isinstance(features, Tensor) or features.dim() != 2 or len(features) == 0:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a non-empty (N, D) tensor, got {shape}")
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or infinite values")
+
+
+def _check_n_select(n: int, n_select: int) -> None:
+    if not 1 <= n_select <= n:
+        raise ValueError(f"n_select must be in [1, {n}], got {n_select}")
+
+
+# ---- shared arithmetic ---------------------------------------------------------
+
+
+def _finish(dots: Tensor, xsq: Tensor, csq: Tensor) -> Tensor:
+    """Squared distances from dot products: (|x|^2 - 2 x.c) + |c|^2, clamped at 0.
+
+    Both paths call this on the same floats, so only the dot products could differ.
+    """
+    return (xsq - 2 * dots).add_(csq).clamp_min_(0)
+
+
+def _distances_to(x: Tensor, xt: Tensor, xsq: Tensor, i: int) -> Tensor:
+    """Squared distances from point ``i`` to the columns of ``xt``: one matrix-vector product."""
+    return _finish(x[i] @ xt, xsq, xsq[i])
+
+
+def _pair_distances(c: Tensor, csq: Tensor, p: Tensor, psq: Tensor) -> Tensor:
+    """Squared distances of row pairs (c[k], p[k]): a batch of (1 x d) @ (d x 1) products.
+
+    Each is a one-row matrix-vector product, summed in the order ``x[i] @ xt``
+    sums (``_kernels_match`` checks this on the machine at hand).
+    """
+    return _finish(torch.bmm(c.unsqueeze(1), p.unsqueeze(2)).view(-1), psq, csq)
+
+
+def _kernels_match(x: Tensor, xt: Tensor, xsq: Tensor, rng: np.random.Generator) -> bool:
+    """True if the fast path's distance calls reproduce the plain loop's bit for bit on a sample.
+
+    The plain loop computes ``x[i] @ xt`` over the whole bank; the fast path
+    uses the same product on a gathered subset of columns and ``_pair_distances``.
+    Exactness needs the BLAS to sum each dot product the same way in all three;
+    if it does not, the plain loop runs instead (same result, slower).
+    """
+    n = len(x)
+    cols = torch.from_numpy(rng.choice(n, size=min(n, 256), replace=False))
+    sub = xt[:, cols].contiguous()
+    for i in rng.integers(n, size=2).tolist():
+        full = _distances_to(x, xt, xsq, i)[cols]
+        pair = _pair_distances(x[[i]].expand(len(cols), -1), xsq[i].expand(len(cols)), x[cols], xsq[cols])
+        if not (torch.equal(full, pair) and torch.equal(full, _distances_to(x, sub, xsq[cols], i))):
+            warnings.warn("this BLAS sums dot products differently in batched and matrix-vector products: "
+                          "using the plain greedy loop (same result, slower)", RuntimeWarning, stacklevel=3)
+            return False
+    return True
+
+
+def _mean_start_distance(x: Tensor, xt: Tensor, xsq: Tensor, starts: np.ndarray) -> Tensor:
+    """Official initialisation: (mean Euclidean distance to the starting points)^2, shape (N,)."""
+    total = torch.zeros(len(x), dtype=torch.float64)
+    for i in starts.tolist():
+        total += _distances_to(x, xt, xsq, i).sqrt()
+    return (total / len(starts)).square().float()
+
+
+# ---- plain loop ----------------------------------------------------------------
+
+
+def _greedy_plain(x: Tensor, xt: Tensor, xsq: Tensor, picks: list[int], mindist: Tensor, n_select: int,
+                  bar: tqdm) -> None:
+    """Reference: one scan of the whole bank and an in-place minimum per pick (appends to ``picks``)."""
+    while len(picks) < n_select:
+        i = int(torch.argmax(mindist))  # first maximum: lowest index on ties
+        picks.append(i)
+        torch.minimum(mindist, _distances_to(x, xt, xsq, i), out=mindist)
+        bar.update()
+
+
+# ---- fast path -----------------------------------------------------------------
+
+
+class _LazyGreedy:
+    """Greedy k-center that only keeps the points near the top up to date.
+
+    Invariant: every point outside the hot set has ``mindist < tau`` (an upper
+    bound of its true min-distance: it may not have seen the latest picks), and
+    every hot point is up to date. While the hot maximum is >= tau it is the
+    global maximum, so a pick only needs a matrix-vector product over the hot
+    set (plain arithmetic, a cache-sized scan). When the hot set runs dry, tau is
+    lowered to the ``hot_size``-th largest bound and the points above it catch
+    up with every pick they missed at once: a matrix product filters the pairs
+    (with a proven rounding margin) and the few pairs that may lower a
+    min-distance are recomputed with the plain arithmetic. Points that end up
+    far below the coverage radius are never touched again.
+    """
+
+    def __init__(self, x: Tensor, xsq: Tensor, picks: list[int], mindist: Tensor, n_select: int,
+                 hot_size: int | None = None):
+        n, d = x.shape
+        self.x, self.xsq, self.picks, self.mindist = x, xsq, picks, mindist
+        self.seen = torch.full((n,), len(picks), dtype=torch.long)  # picks applied to each point
+        # Row p . [c, |c|^2, 1] = |x_p|^2 - 2 x_p.c + |c|^2: catching up is one matrix product.
+        self.aug = torch.cat([-2 * x, torch.ones(n, 1), xsq[:, None]], dim=1)
+        self.pick_rows = torch.ones(n_select, d + 2)  # [c, |c|^2, 1], filled up to n_rows
+        self.n_rows = 0
+        self.hot_size = hot_size or min(_HOT, max(64, n // 8))
+        self.tau = math.inf
+        self.hot = torch.empty(0, dtype=torch.long)
+        # Filter and plain arithmetic each give a squared distance within
+        # (d + 4) u (|x| + |c|)^2 of the exact one (sums of d + 2 terms); 2x margin.
+        self.kappa = 4 * (d + 4) * _UNIT
+
+    def run(self, bar: tqdm) -> None:
+        n_select = len(self.pick_rows)
+        while len(self.picks) < n_select:
+            self._refill()
+            self._pick_hot(n_select, bar)
+
+    def _pick_hot(self, n_select: int, bar: tqdm) -> None:
+        """Greedy picks from the hot set while its maximum is >= tau; writes the hot values back."""
+        x, xsq, picks, tau = self.x, self.xsq, self.picks, self.tau
+        ids = self.hot
+        xt, sq, r = x[ids].T.contiguous(), xsq[ids], self.mindist[ids]
+        ids_list = ids.tolist()
+        while len(picks) < n_select and len(ids_list):
+            value, j = torch.max(r, dim=0)  # first maximum, as argmax
+            if value.item() < tau:
+                break
+            i = ids_list[j.item()]
+            picks.append(i)
+            torch.minimum(r, _finish(x[i] @ xt, sq, xsq[i]), out=r)
+            bar.update()
+            if len(picks) % _COMPACT_EVERY == 0:
+                keep = r >= tau
+                if 2 * int(keep.sum()) < len(ids_list):  # most are done: shrink the scan
+                    self._write_back(ids[~keep], r[~keep])
+                    ids, xt, sq, r = ids[keep], xt[:, keep], sq[keep], r[keep]
+                    ids_list = ids.tolist()
+        self._write_back(ids, r)
+
+    def _write_back(self, ids: Tensor, r: Tensor) -> None:
+        self.mindist[ids] = r
+        self.seen[ids] = len(self.picks)
+
+    def _refill(self) -> None:
+        """Lower tau to the hot_size-th largest bound; bring every point above it up to date."""
+        t = len(self.picks)
+        new = torch.tensor(self.picks[self.n_rows : t], dtype=torch.long)
+        self.pick_rows[self.n_rows : t, :-2] = self.x[new]
+        self.pick_rows[self.n_rows : t, -2] = self.xsq[new]
+        self.n_rows = t
+        k = min(self.hot_size, len(self.mindist))
+        self.tau = torch.topk(self.mindist, k, sorted=False).values.min().item()
+        above = self.mindist >= self.tau
+        self._catch_up(torch.nonzero(above & (self.seen < t)).view(-1), t)
+        self.hot = torch.nonzero(self.mindist >= self.tau).view(-1)  # ascending: ties -> lowest index
+
+    def _catch_up(self, ids: Tensor, t: int) -> None:
+        """Apply the picks each point of ``ids`` missed (exact; grouped by how many it missed)."""
+        if len(ids) == 0:
+            return
+        seen = self.seen[ids]
+        # Buckets of similar lag; re-applying a pick a point has seen changes nothing.
+        bucket = torch.log((t - seen).double()).div_(math.log(_LAG_RATIO)).long()
+        for b in torch.unique(bucket).tolist():
+            members = ids[bucket == b]
+            first = int(self.seen[members].min())
+            rows = max(1, _FILTER_ELEMS // (t - first))
+            for chunk in members.split(rows):
+                self._apply(chunk, first, t)
+        self.seen[ids] = t
+
+    def _apply(self, ids: Tensor, first: int, t: int) -> None:
+        d = self.x.shape[1]
+        pending = self.pick_rows[first:t]
+        approx = self.aug[ids] @ pending.T  # (n, m) squared distances, a filter only
+        low = approx.amin(dim=1)
+        r = self.mindist[ids]
+        norm = self.xsq[ids].max().sqrt() + pending[:, -2].max().sqrt()
+        tol = self.kappa * norm.item() ** 2
+        cand = torch.nonzero(low < r + tol).view(-1)
+        if len(cand) == 0:
+            return
+        # Pairs that may lower a min-distance and may be the minimum: recompute exactly.
+        thr = torch.minimum(r[cand] + tol, low[cand] + 2 * tol)
+        pi, pj = torch.nonzero(approx[cand] <= thr[:, None], as_tuple=True)
+        pts, cs = ids[cand[pi]], pending[pj]
+        exact = _pair_distances(cs[:, :d], cs[:, d], self.x[pts], self.xsq[pts])
+        self.mindist.scatter_reduce_(0, pts, exact, "amin")

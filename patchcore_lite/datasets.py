@@ -1,0 +1,476 @@
+"""Reading anomaly-detection datasets: MVTec AD layout and Magnetic Tile Defects.
+
+Everything that touches files on disk lives here, so that a bad image or a wrong
+folder layout fails with a ``DataError`` that names the file and says how to fix it,
+before any features are computed (see ``validate_samples``).
+
+Layouts understood:
+
+* MVTec AD (one category folder)::
+
+      <category>/train/good/*.png
+      <category>/test/good/*.png
+      <category>/test/<defect>/*.png
+      <category>/ground_truth/<defect>/<stem>_mask.png
+
+* Magnetic Tile Defects (Huang et al. 2020)::
+
+      <root>/MT_Free/Imgs/<name>.jpg            normal tiles
+      <root>/MT_<Class>/Imgs/<name>.jpg         defective tiles
+      <root>/MT_<Class>/Imgs/<name>.png         pixel mask beside each image
+
+Listing rules: only files whose suffix is in ``IMAGE_SUFFIXES`` (any case) are images;
+anything else (``readme.txt``, ``Thumbs.db``) is ignored, and so are hidden files such
+as macOS ``._000.png`` resource forks, which carry an image suffix but are not images.
+A file that has an image suffix but cannot be decoded is an error, not skipped:
+silently dropping it would change the dataset without the user noticing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_MVTEC_LAYOUT = (
+    "MVTec AD layout: <category>/train/good/*.png, <category>/test/<defect>/*.png "
+    "(test/good for normal test images) and <category>/ground_truth/<defect>/<stem>_mask.png"
+)
+_MTD_LAYOUT = (
+    "Magnetic Tile Defects layout: <root>/MT_Free/Imgs/<name>.jpg (normal) and "
+    "<root>/MT_<Class>/Imgs/<name>.jpg with its mask <name>.png beside it"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset split.
+
+    ``mask_path`` is None for normal images, whose mask is all zeros.
+    """
+
+    path: Path
+    label: int  # 0 normal, 1 anomalous
+    defect: str  # "good" for normals, else the defect type
+    mask_path: Path | None
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _open_decoded(path: Path) -> Image.Image:
+    """Open and fully decode an image, turning every failure into a DataError."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file only fails here, not at open
+            return img
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found.") from None
+    except UnidentifiedImageError:
+        raise DataError(
+            f"{path}: not an image file Pillow can read, although its name ends in "
+            f"{path.suffix!r}. Convert it to PNG or remove it from the dataset folder."
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"{path}: the image is corrupt or truncated ({err}). "
+            "Copy or download the file again, or remove it from the dataset folder."
+        ) from None
+
+
+def _is_high_depth(mode: str) -> bool:
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
+def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16-bit / 32-bit integer data (as 0..65535) or float data (as 0..1) to 0..255."""
+    scale = 255.0 if mode == "F" else 1.0 / 257.0  # 65535 / 257 == 255 exactly
+    return np.rint(np.clip(array.astype(np.float64) * scale, 0, 255)).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if _is_high_depth(img.mode):
+        # Pillow's own convert() clips 16-bit values at 255 instead of scaling them.
+        return Image.fromarray(_to_uint8(np.asarray(img), img.mode)).convert("RGB")
+    if img.has_transparency_data:
+        # Composite on black: what shows through transparent pixels is undefined,
+        # black is the same for every image.
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
+        rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255
+        return Image.fromarray(rgb.astype(np.uint8))
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Load an image as 8-bit RGB.
+
+    Grayscale becomes three equal channels; 16-bit and 32-bit integer images are
+    scaled from 0..65535 to 0..255 and float images from 0..1; images with alpha
+    (RGBA, LA, palette with transparency) are composited on black. EXIF rotation
+    is not applied, so the pixels stay aligned with their masks.
+    """
+    return _to_rgb(_open_decoded(Path(path)))
+
+
+def load_mask(
+    path: str | os.PathLike, size: tuple[int, int], image_path: str | os.PathLike | None = None
+) -> np.ndarray:
+    """Load a ground-truth mask as a bool (H, W) array; any nonzero pixel is anomalous.
+
+    ``size`` is the (W, H) of the image the mask belongs to (``PIL.Image.size``);
+    ``image_path`` is only used to name that image in the error message.
+    """
+    path = Path(path)
+    mask = _open_decoded(path)
+    if mask.size != tuple(size):
+        image = f"its image {image_path}" if image_path is not None else "its image"
+        raise DataError(
+            f"{path}: mask is {mask.size[0]}x{mask.size[1]} pixels but {image} is "
+            f"{size[0]}x{size[1]}. A mask must have exactly the size of its image; "
+            "re-export the mask at the image's resolution."
+        )
+    if mask.mode in ("1", "L") or _is_high_depth(mask.mode):
+        return np.asarray(mask) != 0
+    return np.asarray(mask.convert("RGB")).any(axis=2)  # colour or palette masks; alpha ignored
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def _describe(folder: Path) -> str:
+    """A short listing of a folder's entries for error messages."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not names:
+        return "it is empty"
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} entries)" if len(names) > 12 else "")
+    return f"found: {shown}"
+
+
+def _require_dir(root: str | os.PathLike) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; check the dataset path.")
+    return root
+
+
+def _looks_like_mvtec(folder: Path) -> bool:
+    return (folder / "train").is_dir() or (folder / "test").is_dir()
+
+
+def _looks_like_mtd(folder: Path) -> bool:
+    return (folder / "MT_Free").is_dir()
+
+
+def _category_hint(root: Path) -> str:
+    cats = [p.name for p in sorted(root.iterdir()) if p.is_dir() and _looks_like_mvtec(p)]
+    if not cats:
+        return ""
+    return f" {root} looks like a folder of categories ({', '.join(cats[:5])}); pass one of them."
+
+
+def _mvtec_test_samples(root: Path) -> list[Sample]:
+    test = root / "test"
+    if not test.is_dir():
+        raise DataError(f"{root}: no test/ folder ({_describe(root)}). Expected {_MVTEC_LAYOUT}.")
+    # "good" first, then the defect folders alphabetically.
+    folders = sorted((p for p in test.iterdir() if p.is_dir()), key=lambda p: (p.name != "good", p.name))
+    samples = [_mvtec_test_sample(root, f.name, image) for f in folders for image in _image_files(f)]
+    if not samples:
+        raise DataError(
+            f"{test}: no images in any test/<defect>/ folder ({_describe(test)}). Expected {_MVTEC_LAYOUT}."
+        )
+    return samples
+
+
+def _mvtec_test_sample(root: Path, defect: str, image: Path) -> Sample:
+    if defect == "good":
+        return Sample(image, 0, "good", None)
+    mask = root / "ground_truth" / defect / f"{image.stem}_mask.png"
+    if not mask.is_file():
+        raise DataError(
+            f"{image}: defective test image without a ground-truth mask; expected {mask}. "
+            "Add the mask, or move the image to test/good/ if it is not defective."
+        )
+    return Sample(image, 1, defect, mask)
+
+
+def mvtec_samples(root: str | os.PathLike, split: str) -> list[Sample]:
+    """List the ``"train"`` or ``"test"`` samples of one MVTec-AD-layout category folder.
+
+    Train samples come from train/good only. Test samples are test/good first, then
+    each defect folder in alphabetical order, files sorted by name. Every defective
+    test image must have ``ground_truth/<defect>/<stem>_mask.png``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    root = _require_dir(root)
+    good = root / "train" / "good"
+    if not good.is_dir():
+        raise DataError(
+            f"{root}: no train/good/ folder ({_describe(root)}).{_category_hint(root)} "
+            f"Expected {_MVTEC_LAYOUT}."
+        )
+    if split == "test":
+        return _mvtec_test_samples(root)
+    images = _image_files(good)
+    if not images:
+        raise DataError(
+            f"{good}: no training images ({_describe(good)}). Put the normal training images "
+            f"there, with one of the suffixes {', '.join(IMAGE_SUFFIXES)}."
+        )
+    return [Sample(p, 0, "good", None) for p in images]
+
+
+def _split_key(seed: int, path: Path) -> str:
+    # A hash instead of a random generator: the split is the same on every Python and
+    # NumPy version, and does not depend on the order the files are listed in.
+    return hashlib.sha256(f"{seed}:{path.name}".encode()).hexdigest()
+
+
+def _mtd_images(class_dir: Path) -> list[Path]:
+    imgs = class_dir / "Imgs"
+    if not imgs.is_dir():
+        raise DataError(f"{class_dir}: no Imgs/ folder ({_describe(class_dir)}). Expected {_MTD_LAYOUT}.")
+    # Masks are the .png files beside the images, so only JPEGs are images here.
+    images = [p for p in _image_files(imgs) if p.suffix.lower() in (".jpg", ".jpeg")]
+    if not images:
+        raise DataError(f"{imgs}: no .jpg images ({_describe(imgs)}). Expected {_MTD_LAYOUT}.")
+    return images
+
+
+def _mtd_defect_sample(image: Path, defect: str) -> Sample:
+    mask = image.with_suffix(".png")
+    if not mask.is_file():
+        raise DataError(f"{image}: defective image without its mask; expected {mask} beside it.")
+    return Sample(image, 1, defect, mask)
+
+
+def magnetic_tile_samples(
+    root: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """Split Magnetic Tile Defects into (train, test) by the PatchCore paper's protocol.
+
+    A seeded ``test_fraction`` of MT_Free (rounded) are the test normals and the rest
+    train; every image of the other MT_<Class> folders is a test anomaly, with defect
+    name ``<class>`` in lower case (e.g. "blowhole"). MT_Free's all-zero masks are
+    not used. Four MT_Uneven masks are empty in the published data; those images
+    keep label 1 (they contribute to image-level metrics, not to pixel positives).
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be between 0 and 1, not {test_fraction}")
+    root = _require_dir(root)
+    if not _looks_like_mtd(root):
+        raise DataError(f"{root}: no MT_Free/ folder ({_describe(root)}). Expected {_MTD_LAYOUT}.")
+    normals = sorted(_mtd_images(root / "MT_Free"), key=lambda p: _split_key(seed, p))
+    if len(normals) < 2:
+        raise DataError(f"{root / 'MT_Free'}: needs at least 2 normal images to split into train and test.")
+    n_test = min(max(1, round(test_fraction * len(normals))), len(normals) - 1)
+    classes = sorted(p for p in root.glob("MT_*") if p.is_dir() and p.name != "MT_Free")
+    if not classes:
+        raise DataError(f"{root}: no defect classes MT_<Class>/ besides MT_Free. Expected {_MTD_LAYOUT}.")
+    defects = [_mtd_defect_sample(img, c.name[3:].lower()) for c in classes for img in _mtd_images(c)]
+    train = [Sample(p, 0, "good", None) for p in sorted(normals[n_test:])]
+    test_normals = [Sample(p, 0, "good", None) for p in sorted(normals[:n_test])]
+    return train, test_normals + defects
+
+
+def find_categories(root: str | os.PathLike) -> list[Path]:
+    """The category folders under ``root``.
+
+    ``root`` itself if it is one MVTec category or a Magnetic Tile Defects folder,
+    otherwise its sub-folders that are (as for the full MVTec AD download).
+    """
+    root = _require_dir(root)
+    if _looks_like_mvtec(root) or _looks_like_mtd(root):
+        return [root]
+    cats = sorted(p for p in root.iterdir() if p.is_dir() and (_looks_like_mvtec(p) or _looks_like_mtd(p)))
+    if not cats:
+        raise DataError(
+            f"{root}: no dataset categories ({_describe(root)}). Expected a category folder or "
+            f"a folder of categories in {_MVTEC_LAYOUT}; or {_MTD_LAYOUT}."
+        )
+    return cats
+
+
+def dataset_kind(root: str | os.PathLike) -> str:
+    """``"mvtec"`` or ``"mtd"`` for one category / Magnetic Tile Defects folder."""
+    root = _require_dir(root)
+    if _looks_like_mtd(root):
+        return "mtd"
+    if _looks_like_mvtec(root):
+        return "mvtec"
+    raise DataError(
+        f"{root}: not a dataset folder ({_describe(root)}).{_category_hint(root)} Expected one "
+        f"category in {_MVTEC_LAYOUT}; or {_MTD_LAYOUT}."
+    )
+
+
+def train_test_samples(root: str | os.PathLike, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """(train, test) samples of one category folder, MVTec layout or Magnetic Tile Defects.
+
+    ``seed`` only matters for Magnetic Tile Defects, whose split is random.
+    """
+    if dataset_kind(root) == "mtd":
+        return magnetic_tile_samples(root, seed=seed)
+    return mvtec_samples(root, "train"), mvtec_samples(root, "test")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _sample_problems(sample: Sample) -> list[str]:
+    problems = []
+    try:
+        size = load_image(sample.path).size
+    except DataError as err:
+        problems.append(str(err))
+        size = None
+    if sample.mask_path is not None:
+        try:
+            if size is None:
+                _open_decoded(sample.mask_path)  # still report a broken mask
+            else:
+                load_mask(sample.mask_path, size, image_path=sample.path)
+        except DataError as err:
+            problems.append(str(err))
+    return problems
+
+
+def validate_samples(samples: Iterable[Sample]) -> None:
+    """Decode every image and mask once and report all problems in one DataError.
+
+    Call this before fitting or evaluating, so a bad file found halfway does not
+    throw away computed work. Images are fully decoded because only that catches a
+    truncated file; decoding runs in threads (Pillow releases the GIL).
+    """
+    samples = list(samples)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        problems = [p for found in pool.map(_sample_problems, samples) for p in found]
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise DataError(
+            f"{len(problems)} problem(s) in {len(samples)} images; nothing was computed. "
+            f"Fix or remove these files and run again:\n{listing}"
+        )
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Image -> network input, and mask -> the same pixel grid.
+
+    ``resize``: an int resizes the shorter side to it keeping the aspect ratio (as
+    torchvision ``Resize(256)``); an (h, w) pair resizes to exactly that size.
+    ``crop``: a centre square crop of that side, or None for no crop.
+    """
+
+    resize: int | tuple[int, int] = 256
+    crop: int | None = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        # Accept lists (as read back from JSON) but store tuples, so instances compare equal.
+        if not isinstance(self.resize, int):
+            object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        sides = _pair(self.resize)
+        if len(sides) != 2 or min(sides) <= 0:
+            raise ValueError(f"resize must be a positive int or (h, w), not {self.resize!r}")
+        if self.crop is not None and not 0 < self.crop <= min(sides):
+            raise ValueError(f"crop {self.crop} must be positive and fit in the resized size {self.resize!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need three values each, std positive")
+
+    def _geometry(self, img: Image.Image, interpolation: InterpolationMode) -> Image.Image:
+        size = [self.resize] if isinstance(self.resize, int) else list(self.resize)
+        img = TF.resize(img, size, interpolation=interpolation, antialias=True)
+        return img if self.crop is None else TF.center_crop(img, [self.crop, self.crop])
+
+    def image(self, img: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, h, w) float32, normalised; bilinear antialiased resize."""
+        resized = self._geometry(img, InterpolationMode.BILINEAR)
+        tensor = TF.to_dtype(TF.pil_to_tensor(resized), torch.float32, scale=True)
+        return TF.normalize(tensor, list(self.mean), list(self.std))
+
+    def mask(self, mask: np.ndarray) -> torch.Tensor:
+        """Bool (H, W) mask -> (h, w) float32 of 0/1 on the same grid as ``image``.
+
+        Nearest-neighbour resize keeps the mask binary and every defect pixel counted.
+        (The official PatchCore code resizes masks bilinearly and then truncates to
+        int, which drops the partly covered pixels at each defect's edge.)
+        """
+        pil = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
+        resized = self._geometry(pil, InterpolationMode.NEAREST)
+        return (TF.pil_to_tensor(resized)[0] > 0).to(torch.float32)
+
+    def unnormalize(self, image: torch.Tensor) -> np.ndarray:
+        """(3, h, w) network input -> (h, w, 3) float array in [0, 1] for plotting."""
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        rgb = (image.detach().cpu().float() * std + mean).clamp(0, 1)
+        return rgb.permute(1, 2, 0).numpy()
+
+
+MVTEC_PREPROCESS = Preprocess(resize=256, crop=224)
+# Magnetic tiles have varying sizes and defects at their edges: squash the whole
+# tile to 224x224 instead of cropping (a 224 crop would cut 43 of the 392 defects).
+MTD_PREPROCESS = Preprocess(resize=(224, 224), crop=None)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Samples -> dicts of ``image`` (3, h, w), ``mask`` (h, w), ``label``, ``path``, ``defect``."""
+
+    def __init__(self, samples: list[Sample], preprocess: Preprocess) -> None:
+        self.samples = list(samples)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        img = load_image(sample.path)
+        if sample.mask_path is None:
+            mask = np.zeros((img.height, img.width), dtype=bool)
+        else:
+            mask = load_mask(sample.mask_path, img.size, image_path=sample.path)
+        return {
+            "image": self.preprocess.image(img),
+            "mask": self.preprocess.mask(mask),
+            "label": sample.label,
+            "path": str(sample.path),
+            "defect": sample.defect,
+        }

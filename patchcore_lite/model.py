@@ -1,0 +1,293 @@
+"""PatchCore: the whole method behind ``fit`` / ``predict`` / ``save`` / ``load``.
+
+    model = PatchCore().fit(train_samples)        # memory bank + greedy coreset
+    result = model.predict(test_samples)          # image scores and anomaly maps
+    model.save("bottle.npz"); PatchCore.load("bottle.npz")
+
+Every default and where it comes from (paper = Roth et al. 2022, official =
+amazon-science/patchcore-inspection):
+
+================  ===================  =============================================
+setting           default              source
+================  ===================  =============================================
+backbone          efficientnet_lite0   offline stand-in for the paper's WRN50
+layers            layer2, layer3       paper Sec. 4.4 (stride 8 + 16 stages)
+resize, crop      256, 224             paper Sec. 4.1 / official MVTec loader
+patch_size p      3                    paper Sec. 4.4 (neighbourhood 3x3)
+patch_stride s    1                    official
+feature_mode      avgpool              anomalib; ``official`` = unfold + pooling
+coreset_ratio     0.1                  paper Table 1 (PatchCore-10%)
+projection_dim    128                  official (``ApproximateGreedyCoresetSampler``)
+coreset_start     official             10 random starts, official
+k                 1                    paper eq. 6, all official runs
+reweight, b       True, 9              paper eq. 7, b as anomalib (official: off)
+sigma             4                    paper Sec. 3.3 / official
+knn               faiss flat           official (exact L2)
+================  ===================  =============================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbone import Backbone
+from .coreset import select_coreset
+from .datasets import ImageDataset, Preprocess, Sample, validate_samples
+from .errors import ModelFileError
+from .knn import NearestNeighbors
+from .patches import MODES, patch_features
+from .scoring import anomaly_maps, image_scores, patch_scores
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """All settings of a PatchCore model; saved with it. See the module table."""
+
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    pretrained: bool = True
+    resize: int | tuple[int, int] = 256
+    crop: int | None = 224
+    patch_size: int = 3
+    patch_stride: int = 1
+    feature_mode: str = "avgpool"
+    embed_dim: int = 1024
+    target_dim: int = 1024
+    coreset_ratio: float = 0.1
+    coreset_method: str = "greedy"
+    projection_dim: int = 128
+    projection_eps: float | None = None
+    coreset_start: str = "official"
+    k: int = 1
+    reweight: bool = True
+    reweight_b: int = 9
+    sigma: float = 4.0
+    knn_backend: str = "faiss"
+    knn_index: str = "flat"
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.feature_mode not in MODES:
+            raise ValueError(f"feature_mode must be one of {MODES}, got {self.feature_mode!r}")
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.k < 1 or self.reweight_b < 1 or self.batch_size < 1:
+            raise ValueError("k, reweight_b and batch_size must be >= 1")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PatchCoreConfig:
+        """Inverse of ``asdict``; JSON turns tuples into lists."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fixed)
+
+
+@dataclass
+class Prediction:
+    """Output of ``predict``: one score per image, one map per image (input size)."""
+
+    scores: np.ndarray  # (N,)
+    maps: np.ndarray  # (N, H, W) float32
+
+
+Data = torch.Tensor | torch.utils.data.Dataset | Sequence[Sample] | Sequence[str | Path]
+
+
+def image_batches(
+    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = ""
+) -> Iterator[torch.Tensor]:
+    """Normalised image batches from tensors, an ``ImageDataset``, samples or paths.
+
+    Files are checked before the first batch, so a bad image stops the run
+    before any work is done rather than halfway through it.
+    """
+    if isinstance(data, torch.Tensor):
+        chunks: Iterable = data.split(batch_size)
+        total = len(chunks)  # type: ignore[arg-type]
+    else:
+        if not isinstance(data, torch.utils.data.Dataset):
+            samples = [s if isinstance(s, Sample) else Sample(Path(s), 0, "good", None) for s in data]
+            validate_samples(samples)
+            data = ImageDataset(samples, preprocess)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+        chunks = (b["image"] if isinstance(b, dict) else b for b in loader)
+        total = len(loader)
+    yield from tqdm(chunks, total=total, desc=desc, disable=not progress, unit="batch")
+
+
+class PatchCore:
+    """Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+
+    Args:
+        config: a ``PatchCoreConfig``; keyword ``overrides`` replace its fields.
+        weights_path: backbone weights file instead of the default source.
+        device: where the backbone runs ("cpu", "cuda"); the search stays on the CPU.
+    """
+
+    def __init__(
+        self,
+        config: PatchCoreConfig | None = None,
+        weights_path: str | Path | None = None,
+        device: str = "cpu",
+        **overrides,
+    ) -> None:
+        self.config = replace(config or PatchCoreConfig(), **overrides)
+        c = self.config
+        self.device = torch.device(device)
+        self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
+        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+        self.memory_bank: torch.Tensor | None = None
+        self.index: NearestNeighbors | None = None
+        self.n_train_patches = 0
+
+    # ---- features -------------------------------------------------------------
+    @torch.inference_mode()
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features (B, h, w, D) of normalised images (eq. 1-3)."""
+        c = self.config
+        fmaps = self.backbone(images.to(self.device))
+        feats = patch_features(fmaps, c.patch_size, c.patch_stride, c.feature_mode, c.embed_dim, c.target_dim)
+        return feats.float().cpu()
+
+    def _all_features(self, data: Data, progress: bool, desc: str) -> torch.Tensor:
+        """Features of every image in one preallocated (N, h, w, D) tensor."""
+        n = len(data)
+        if n == 0:
+            raise ValueError("no images given: the folder or list is empty")
+        out: torch.Tensor | None = None
+        start = 0
+        for batch in image_batches(data, self.preprocess, self.config.batch_size, progress, desc):
+            feats = self.extract(batch)
+            if out is None:
+                out = torch.empty((n, *feats.shape[1:]), dtype=torch.float32)
+            out[start : start + len(feats)] = feats
+            start += len(feats)
+        assert out is not None
+        return out
+
+    # ---- fit --------------------------------------------------------------------
+    def fit(self, data: Data, progress: bool = True) -> PatchCore:
+        """Build the memory bank of training patches and subsample it (Algorithm 1)."""
+        c = self.config
+        bank = self._all_features(data, progress, "features (train)").flatten(0, 2)
+        self.n_train_patches = len(bank)
+        picks = select_coreset(
+            bank, c.coreset_ratio, c.coreset_method, c.projection_dim, c.projection_eps,
+            c.coreset_start, c.seed, progress,
+        )
+        self._set_bank(bank[picks].contiguous())
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        """Size of what the model keeps per category: the memory bank."""
+        return 0 if self.memory_bank is None else self.memory_bank.numel() * self.memory_bank.element_size()
+
+    def _set_bank(self, bank: torch.Tensor) -> None:
+        self.memory_bank = bank
+        self.index = NearestNeighbors(bank, self.config.knn_backend, self.config.knn_index, seed=self.config.seed)
+
+    # ---- predict ----------------------------------------------------------------
+    def _check_fitted(self) -> NearestNeighbors:
+        if self.index is None:
+            raise RuntimeError("this PatchCore has no memory bank yet: call fit() or PatchCore.load()")
+        return self.index
+
+    @torch.inference_mode()
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) and anomaly maps (B, H, W) for normalised images (eq. 6-7)."""
+        index, c = self._check_fitted(), self.config
+        feats = self.extract(images)
+        dist, nearest = patch_scores(feats, index, c.k)
+        scores = image_scores(feats, dist, nearest, index, c.reweight, c.reweight_b)
+        return scores, anomaly_maps(dist, tuple(images.shape[-2:]), c.sigma)
+
+    def predict(self, data: Data, progress: bool = True) -> Prediction:
+        """Scores and maps of every image, in order."""
+        self._check_fitted()
+        scores, maps = [], []
+        for batch in image_batches(data, self.preprocess, self.config.batch_size, progress, "scoring"):
+            s, m = self.score_batch(batch)
+            scores.append(s)
+            maps.append(m)
+        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy())
+
+    # ---- save / load ------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the bank and settings to one ``.npz`` (no pickle), atomically."""
+        if self.memory_bank is None:
+            raise RuntimeError("nothing to save: call fit() first")
+        path = Path(path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "package_version": __version__,
+            "config": asdict(self.config),
+            "backbone_fingerprint": self.backbone.fingerprint(),
+            "n_train_patches": self.n_train_patches,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, memory_bank=self.memory_bank.numpy(), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, weights_path: str | Path | None = None, device: str = "cpu") -> PatchCore:
+        """Read a model written by ``save``; refuse files of another format or backbone."""
+        path = Path(path)
+        bank, meta = _read_model_file(path)
+        try:
+            config = PatchCoreConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: invalid settings ({exc})") from None
+        model = cls(config, weights_path=weights_path, device=device)
+        if not np.isclose(model.backbone.fingerprint(), meta.get("backbone_fingerprint", -1), rtol=1e-9):
+            raise ModelFileError(
+                f"{path} was fit with other {config.backbone} weights than the ones loaded now "
+                "(pretrained vs random, or another weights file): load it with the same weights."
+            )
+        if bank.ndim != 2 or not np.isfinite(bank).all():
+            raise ModelFileError(f"{path}: the memory bank is damaged (shape {bank.shape} or non-finite values)")
+        model.n_train_patches = int(meta.get("n_train_patches", len(bank)))
+        model._set_bank(torch.from_numpy(bank))
+        return model
+
+
+def _read_model_file(path: Path) -> tuple[np.ndarray, dict]:
+    """Bank and metadata of a saved model, with a clear error for anything else."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            bank = f["memory_bank"].astype(np.float32)
+            meta = json.loads(f["meta"].tobytes().decode())
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {path} does not exist") from None
+    except Exception as exc:  # zip, json, key and pickle refusals all mean the same to a user
+        raise ModelFileError(
+            f"{path} is not a PatchCore model file written by patchcore_lite ({type(exc).__name__}: {exc}). "
+            "Re-create it with `python -m patchcore_lite fit`."
+        ) from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} has model format {version} (written by patchcore_lite "
+            f"{meta.get('package_version', '?')}); this is patchcore_lite {__version__}, which reads "
+            f"format {FORMAT_VERSION}. Re-fit the model with this version."
+        )
+    return bank, meta

@@ -1,0 +1,179 @@
+"""PaDiM: Defard et al., "PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and
+Localization", ICPR 2020 workshops (arXiv 2011.08785).
+
+Where PatchCore keeps patches and SPADE keeps whole images, PaDiM keeps one
+Gaussian per *position* of the feature grid:
+
+* Embedding (Sec. 3.1): the first three stages' maps, upsampled to the finest
+  grid and concatenated (as SPADE's pyramid; PatchCore's features with a 1 x 1
+  neighbourhood), then a random subset of d channels ("Rd", Sec. 4.2: d = 100 of
+  448 for ResNet18, 550 of 1792 for WRN50), drawn once with a seed.
+* Learning (eq. 1): for each position (i, j), the mean ``mu_ij`` and the sample
+  covariance ``Sigma_ij = 1/(N-1) sum_k (x^k_ij - mu_ij)(x^k_ij - mu_ij)^T + eps I``
+  over the N training images, with eps = 0.01 so that it is invertible even when
+  N < d.
+* Inference (eq. 2): the Mahalanobis distance
+  ``M(x_ij) = sqrt((x_ij - mu_ij)^T Sigma_ij^-1 (x_ij - mu_ij))`` per position,
+  upsampled bilinearly to the input, smoothed by a Gaussian of sigma = 4; the
+  image score is the map's maximum (as the authors' code).
+
+The precision matrices ``Sigma_ij^-1`` are computed once at fit time and all
+positions are scored in one batched ``einsum``. The official code (xiahaifeng1995
+/PaDiM-Anomaly-Detection-Localization-master) also min-max normalises maps over
+the test set before computing metrics; we do not, since it uses the test set.
+
+Memory: PaDiM keeps ``h * w * d^2`` precision entries. WRN50 at 224 (56 x 56
+grid, d = 550): 3136 * 550^2 * 4 bytes = 3.8 GB per category in float32 (7.6 GB in
+the float64 the official code keeps), independent of the number of training
+images; EfficientNet-Lite0 with d = 100: 125 MB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone
+from .datasets import Preprocess
+from .model import Data, image_batches
+from .patches import patch_features
+from .scoring import anomaly_maps
+
+
+@dataclass(frozen=True)
+class PadimConfig:
+    """Settings of PaDiM; defaults follow the paper except the offline backbone (and hence d)."""
+
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    pretrained: bool = True
+    resize: int | tuple[int, int] = 256
+    crop: int | None = 224
+    d: int | None = 100  # random channels kept; None keeps all (EfficientNet-Lite0 has 176)
+    eps: float = 0.01  # covariance regularisation (eq. 1)
+    sigma: float = 4.0
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if (self.d is not None and self.d < 1) or self.eps <= 0 or self.batch_size < 1:
+            raise ValueError(f"need d >= 1, eps > 0 and batch_size >= 1; got {self.d}, {self.eps}, {self.batch_size}")
+
+
+class GaussianMoments:
+    """Running per-position mean and covariance of (B, L, d) batches, in float64.
+
+    Sums are taken around a shift (the first batch's mean), which keeps
+    ``sum x x^T - n mu mu^T`` from cancelling catastrophically, and memory is
+    O(L d^2) whatever the number of images.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift = self.total = self.outer = torch.empty(0)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        if self.n == 0:
+            self.shift = x.mean(dim=0)
+            self.total = torch.zeros_like(self.shift)
+            self.outer = torch.zeros(*self.shift.shape, self.shift.shape[-1], dtype=torch.float64)
+        centred = x - self.shift
+        self.total += centred.sum(dim=0)
+        self.outer += torch.einsum("bld,ble->lde", centred, centred)
+        self.n += len(x)
+
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.total / self.n
+
+    def covariance(self, eps: float) -> torch.Tensor:
+        """Eq. 1: unbiased (N - 1) covariance plus eps * I, shape (L, d, d)."""
+        if self.n < 2:
+            raise ValueError(f"PaDiM needs at least 2 training images for a covariance, got {self.n}")
+        mean = self.total / self.n
+        cov = (self.outer - self.n * mean[..., :, None] * mean[..., None, :]) / (self.n - 1)
+        return cov + eps * torch.eye(cov.shape[-1], dtype=cov.dtype)
+
+
+def precision_matrices(cov: torch.Tensor) -> torch.Tensor:
+    """Inverses of symmetric positive definite (L, d, d) covariances, via Cholesky (float64)."""
+    return torch.cholesky_inverse(torch.linalg.cholesky(cov.double()))
+
+
+def mahalanobis(delta: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 for all positions at once: delta (B, L, d), precision (L, d, d) -> (B, L)."""
+    squared = torch.einsum("bld,lde,ble->bl", delta, precision, delta)
+    return squared.clamp_min(0).sqrt()  # rounding can push a ~0 quadratic form below zero
+
+
+class Padim:
+    """PaDiM detector: ``fit`` estimates a Gaussian per grid position, ``score_batch`` measures distances.
+
+    Args:
+        config: a ``PadimConfig``; keyword ``overrides`` replace its fields.
+        weights_path: backbone weights file instead of the default source.
+        device: where the backbone runs and the distances are computed.
+    """
+
+    def __init__(
+        self, config: PadimConfig | None = None, weights_path: str | Path | None = None, device: str = "cpu", **overrides
+    ) -> None:
+        self.config = c = replace(config or PadimConfig(), **overrides)
+        self.device = torch.device(device)
+        self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
+        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+        total = sum(self.backbone.channels)
+        if c.d is not None and c.d > total:
+            raise ValueError(f"d = {c.d} but {c.backbone} {list(c.layers)} give only {total} channels")
+        # Sec. 4.2: one random channel subset, fixed for training and testing.
+        generator = torch.Generator().manual_seed(c.seed)
+        keep = torch.randperm(total, generator=generator)[: c.d or total]
+        self.channels = keep.sort().values.to(self.device)
+        self.mean: torch.Tensor | None = None  # (h, w, d), on ``device``
+        self.precision: torch.Tensor | None = None  # (h, w, d, d), on ``device``
+
+    @torch.inference_mode()
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        """Embedding vectors (B, h, w, d): aligned first-three-stage features, random channels."""
+        maps = self.backbone(images.to(self.device))
+        return patch_features(maps, patch_size=1)[..., self.channels].float()
+
+    @torch.inference_mode()
+    def fit(self, data: Data, progress: bool = True) -> Padim:
+        """Eq. 1: per-position mean and regularised covariance; stores the precision matrices."""
+        if len(data) == 0:
+            raise ValueError("no images given: the folder or list is empty")
+        moments, grid = GaussianMoments(), None
+        for batch in image_batches(data, self.preprocess, self.config.batch_size, progress, "PaDiM features (train)"):
+            x = self.extract(batch)
+            grid = x.shape[1:3]
+            moments.add(x.flatten(1, 2))
+        assert grid is not None
+        d = len(self.channels)
+        self.mean = moments.mean().float().reshape(*grid, d)
+        self.precision = precision_matrices(moments.covariance(self.config.eps)).float().reshape(*grid, d, d)
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        """Size of what PaDiM keeps per category: means and precision matrices (h w d^2 floats)."""
+        kept = (self.mean, self.precision)
+        return sum(t.numel() * t.element_size() for t in kept if t is not None)
+
+    @torch.inference_mode()
+    def distance_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Eq. 2 on the feature grid: Mahalanobis distances (B, h, w)."""
+        if self.mean is None or self.precision is None:
+            raise RuntimeError("this PaDiM has no Gaussians yet: call fit() first")
+        x = self.extract(images)
+        b, h, w, d = x.shape
+        delta = (x - self.mean).reshape(b, h * w, d)
+        dist = mahalanobis(delta, self.precision.reshape(h * w, d, d))
+        return dist.reshape(b, h, w).cpu()
+
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) = max of the maps, and anomaly maps (B, H, W), upsampled and blurred."""
+        maps = anomaly_maps(self.distance_maps(images), tuple(images.shape[-2:]), self.config.sigma)
+        return maps.flatten(1).amax(dim=1), maps

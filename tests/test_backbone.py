@@ -1,0 +1,91 @@
+"""Backbones: stages, early stop, weights loading and its errors."""
+
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+
+from patchcore_lite.backbone import Backbone
+from patchcore_lite.errors import ModelFileError, WeightsNotFoundError
+
+
+@pytest.mark.parametrize(
+    "name, channels",
+    [("efficientnet_lite0", [40, 112]), ("wide_resnet50_2", [512, 1024]), ("resnet18", [128, 256])],
+)
+def test_stage_aliases_give_stride_8_and_16(name, channels):
+    net = Backbone(name, pretrained=False)
+    assert net.channels == channels
+    assert net.strides == [8, 16]
+    maps = net(torch.zeros(2, 3, 96, 128))
+    assert [m.shape for m in maps] == [(2, channels[0], 12, 16), (2, channels[1], 6, 8)]
+
+
+def test_forward_stops_after_last_needed_stage():
+    net = Backbone("efficientnet_lite0", layers=("layer1", "layer2"), pretrained=False)
+    ran = []
+    net.net.blocks[3].register_forward_hook(lambda *_: ran.append(True))
+    net(torch.zeros(1, 3, 64, 64))
+    assert ran == []
+    assert isinstance(net.net.conv_head, torch.nn.Identity)  # dropped, costs no memory
+
+
+def test_random_init_is_seeded():
+    a = Backbone("resnet18", pretrained=False, seed=0).fingerprint()
+    assert a == Backbone("resnet18", pretrained=False, seed=0).fingerprint()
+    assert a != Backbone("resnet18", pretrained=False, seed=1).fingerprint()
+
+
+def test_offline_efficientnet_weights_load():
+    pretrained = Backbone("efficientnet_lite0")
+    assert pretrained.fingerprint() != Backbone("efficientnet_lite0", pretrained=False).fingerprint()
+    assert pretrained.mean == (0.5, 0.5, 0.5)
+    # ImageNet features of a flat grey image are not degenerate (weights really loaded)
+    out = pretrained(torch.zeros(1, 3, 64, 64))[1]
+    assert out.abs().mean() > 0.01
+
+
+def test_unknown_names_are_explained():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        Backbone("vgg99")
+    with pytest.raises(ValueError, match="no stage 'layer9'"):
+        Backbone("resnet18", layers=("layer9",), pretrained=False)
+
+
+def test_weights_path_round_trip(tmp_path: Path):
+    torch.manual_seed(3)
+    full = __import__("torchvision").models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(full.state_dict(), path)
+    loaded = Backbone("resnet18", weights_path=path).net.state_dict()
+    kept = {k: v for k, v in full.state_dict().items() if not k.startswith(("layer4", "fc"))}
+    assert kept.keys() == loaded.keys()
+    assert all(torch.equal(v, loaded[k]) for k, v in kept.items())
+
+
+def test_bad_weights_files_are_refused(tmp_path: Path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelFileError, match="garbage.pth"):
+        Backbone("resnet18", weights_path=garbage)
+    pickled = tmp_path / "object.pth"
+    torch.save({"model": Path("x")}, pickled)  # arbitrary objects need unpickling: refused
+    with pytest.raises(ModelFileError, match="object.pth"):
+        Backbone("resnet18", weights_path=pickled)
+    with pytest.raises(WeightsNotFoundError, match="missing.pth"):
+        Backbone("resnet18", weights_path=tmp_path / "missing.pth")
+
+
+def test_offline_torchvision_download_says_where_to_put_the_file(monkeypatch):
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsNotFoundError) as err:
+        Backbone("wide_resnet50_2")
+    message = str(err.value)
+    assert "wide_resnet50_2-95faca4d.pth" in message
+    assert "checkpoints" in message and "--weights" in message

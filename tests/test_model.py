@@ -1,0 +1,141 @@
+"""PatchCore end to end: fit, predict, save/load, and its guards."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.errors import DataError, ModelFileError
+from patchcore_lite.metrics import image_auroc
+from patchcore_lite.model import PatchCore, PatchCoreConfig
+from patchcore_lite.pipeline import fit_evaluate
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_root: Path):
+    """A PatchCore fit on one synthetic category with the default (pretrained, offline) backbone."""
+    category = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    train, test = train_test_samples(category)
+    return PatchCore(coreset_ratio=0.1).fit(train, progress=False), train, test
+
+
+def test_bank_is_the_coreset_of_all_training_patches(fitted):
+    model, train, _ = fitted
+    assert model.n_train_patches == len(train) * 28 * 28
+    assert len(model.memory_bank) == int(model.n_train_patches * 0.1)
+    assert model.memory_bank.shape[1] == sum(model.backbone.channels)
+
+
+def test_predict_gives_scores_and_input_sized_maps(fitted):
+    model, _, test = fitted
+    pred = model.predict(test[:3], progress=False)
+    assert pred.scores.shape == (3,) and pred.maps.shape == (3, 224, 224)
+    assert np.isfinite(pred.maps).all() and (pred.maps >= 0).all()
+
+
+def test_training_images_score_lower_than_anomalies(fitted):
+    model, train, test = fitted
+    normal = model.predict(train[:4], progress=False).scores
+    anomalous = model.predict([s for s in test if s.label == 1][:4], progress=False).scores
+    assert normal.max() < anomalous.min()
+
+
+def test_predict_is_deterministic(fitted, synthetic_root: Path):
+    model, train, test = fitted
+    again = PatchCore(coreset_ratio=0.1).fit(train, progress=False)
+    assert torch.equal(again.memory_bank, model.memory_bank)
+    assert np.array_equal(again.predict(test[:2], progress=False).scores, model.predict(test[:2], progress=False).scores)
+
+
+def test_save_load_round_trip(fitted, tmp_path: Path):
+    model, _, test = fitted
+    path = model.save(tmp_path / "m.npz")
+    loaded = PatchCore.load(path)
+    assert loaded.config == model.config
+    a, b = model.predict(test[:2], progress=False), loaded.predict(test[:2], progress=False)
+    assert np.array_equal(a.scores, b.scores) and np.array_equal(a.maps, b.maps)
+
+
+def _rewrite_meta(src: Path, dst: Path, change) -> None:
+    with np.load(src) as f:
+        bank, meta = f["memory_bank"], json.loads(f["meta"].tobytes())
+    change(meta)
+    np.savez(dst, memory_bank=bank, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+
+
+def test_model_files_from_elsewhere_are_refused(fitted, tmp_path: Path):
+    model, _, _ = fitted
+    good = model.save(tmp_path / "good.npz")
+
+    other_version = tmp_path / "v99.npz"
+    _rewrite_meta(good, other_version, lambda m: m.update(format_version=99, package_version="9.9"))
+    with pytest.raises(ModelFileError, match="format 99.*9.9"):
+        PatchCore.load(other_version)
+
+    other_weights = tmp_path / "weights.npz"
+    _rewrite_meta(good, other_weights, lambda m: m.update(backbone_fingerprint=1.0))
+    with pytest.raises(ModelFileError, match="other efficientnet_lite0 weights"):
+        PatchCore.load(other_weights)
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="truncated.npz"):
+        PatchCore.load(truncated)
+
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, memory_bank=np.array([object()], dtype=object), meta=np.zeros(3, np.uint8))
+    with pytest.raises(ModelFileError, match="pickled.npz"):
+        PatchCore.load(pickled)  # object arrays would need unpickling: never done
+
+    with pytest.raises(ModelFileError, match="missing.npz"):
+        PatchCore.load(tmp_path / "missing.npz")
+
+
+def test_save_is_atomic(fitted, tmp_path: Path):
+    model, _, _ = fitted
+    path = model.save(tmp_path / "m.npz")
+    assert zipfile.is_zipfile(path) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_unfitted_model_and_bad_settings():
+    with pytest.raises(ValueError, match="coreset_ratio"):
+        PatchCoreConfig(coreset_ratio=0)
+    with pytest.raises(ValueError, match="feature_mode"):
+        PatchCoreConfig(feature_mode="max")
+    model = PatchCore(pretrained=False)
+    with pytest.raises(RuntimeError, match="fit"):
+        model.predict(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="empty"):
+        model.fit([])
+
+
+def test_a_corrupt_training_image_stops_fit_before_any_work(tmp_path: Path, synthetic_root: Path):
+    category = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    train, _ = train_test_samples(category)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(train[0].path.read_bytes()[:200])
+    model = PatchCore(pretrained=False)
+    with pytest.raises(DataError, match="broken.png"):
+        model.fit([*(s.path for s in train[:3]), bad], progress=False)
+    assert model.memory_bank is None
+
+
+@pytest.mark.parametrize("mode", ["avgpool", "official"])
+def test_end_to_end_auroc_on_synthetic_data(synthetic_root: Path, mode: str):
+    """Every synthetic category: clear anomalies are found (floors measured, with margin)."""
+    for category in sorted(p for p in synthetic_root.iterdir() if p.is_dir()):
+        kw = {"feature_mode": mode, "embed_dim": 256, "target_dim": 256} if mode == "official" else {}
+        result = fit_evaluate(PatchCore(coreset_ratio=0.1, **kw), category, progress=False)
+        assert result.metrics["image_auroc"] >= 0.9, (category.name, result.metrics)
+        assert result.metrics["pixel_auroc"] >= 0.9, (category.name, result.metrics)
+
+
+def test_real_hazelnut(mvtec_reduced):
+    root = mvtec_reduced("hazelnut")
+    result = fit_evaluate(PatchCore(), root, progress=False)
+    assert result.metrics["image_auroc"] >= 0.9 and result.metrics["pixel_auroc"] >= 0.9
+    assert image_auroc(result.labels, result.scores) == result.metrics["image_auroc"]

@@ -1,0 +1,142 @@
+"""Tests for patchcore_lite.synthetic: determinism, exact masks, layout, regeneration."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patchcore_lite import synthetic
+from patchcore_lite.datasets import MVTEC_PREPROCESS, load_mask, mvtec_samples, validate_samples
+from patchcore_lite.errors import DataError
+from patchcore_lite.synthetic import CATEGORIES, DEFECTS, ensure_synthetic, generate, make_image
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_generation_is_byte_for_byte_deterministic(synthetic_root, tmp_path):
+    start = time.perf_counter()
+    generate(tmp_path / "again", categories=("disc",))
+    print(f"generated 1 of {len(CATEGORIES)} categories in {time.perf_counter() - start:.2f} s")
+    assert _files(tmp_path / "again" / "disc") == _files(synthetic_root / "disc")
+
+
+def test_layout_parses_as_mvtec(synthetic_root):
+    assert sorted(p.name for p in synthetic_root.iterdir()) == sorted([*CATEGORIES, "VERSION"])
+    for category in CATEGORIES:
+        train = mvtec_samples(synthetic_root / category, "train")
+        test = mvtec_samples(synthetic_root / category, "test")
+        assert len(train) == synthetic.N_TRAIN
+        assert sum(s.label == 0 for s in test) == synthetic.N_TEST_GOOD
+        defects = {s.defect for s in test if s.label == 1}
+        assert defects == set(DEFECTS[category])
+        assert len(test) == synthetic.N_TEST_GOOD + synthetic.N_PER_DEFECT * len(defects)
+        validate_samples(train + test)
+
+
+def test_defects_have_masks_inside_the_centre_crop(synthetic_root):
+    for category in CATEGORIES:
+        for sample in mvtec_samples(synthetic_root / category, "test"):
+            assert Image.open(sample.path).size == (256, 256)
+            if sample.label == 0:
+                continue
+            mask = load_mask(sample.mask_path, (256, 256))
+            assert 12 <= mask.sum() < 0.1 * mask.size, sample.path
+            assert mask[16:240, 16:240].sum() == mask.sum(), f"{sample.path} reaches outside the 224 crop"
+            assert MVTEC_PREPROCESS.mask(mask).sum() > 0
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_mask_is_exactly_the_changed_pixels(category):
+    for defect in DEFECTS[category]:
+        for seed in range(2):
+            normal, empty = make_image(category, None, np.random.default_rng(seed))
+            defective, mask = make_image(category, defect, np.random.default_rng(seed))
+            assert not empty.any()
+            change = np.abs(normal.astype(int) - defective).max(axis=2)
+            assert not change[~mask].any(), f"{defect}: pixels changed outside the mask"
+            assert (change[mask] >= 8).mean() > 0.99, f"{defect}: not clearly visible everywhere in its mask"
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_defects_shift_mean_colour_much_less_than_normal_images_vary(category):
+    # Otherwise a detector could find defects from the image's mean colour alone.
+    def mean_colour(defect, seed):
+        return make_image(category, defect, np.random.default_rng(seed))[0].reshape(-1, 3).mean(axis=0)
+
+    spread = np.array([mean_colour(None, seed) for seed in range(100, 120)]).std(axis=0).min()
+    shift = max(
+        np.abs(mean_colour(defect, seed) - mean_colour(None, seed)).max()
+        for defect in DEFECTS[category]
+        for seed in range(3)
+    )
+    assert spread > 4 and shift < 0.5 * spread
+
+
+def test_make_image_rejects_unknown_names():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="unknown category"):
+        make_image("velvet", None, rng)
+    with pytest.raises(ValueError, match="has no defect 'missing_piece'"):
+        make_image("tile", "missing_piece", rng)
+    with pytest.raises(ValueError, match="unknown categories"):
+        generate(Path("unused"), categories=("velvet",))
+
+
+def test_other_image_size(tmp_path):
+    root = generate(tmp_path / "small", categories=("disc",), size=128)
+    for sample in mvtec_samples(root / "disc", "test"):
+        assert Image.open(sample.path).size == (128, 128)
+        if sample.mask_path is not None:
+            mask = load_mask(sample.mask_path, (128, 128))
+            assert mask.any() and mask[8:120, 8:120].sum() == mask.sum()
+
+
+def test_ensure_synthetic_is_a_no_op_when_current(synthetic_root):
+    version = synthetic_root / "VERSION"
+    image = synthetic_root / "tile" / "train" / "good" / "000.png"
+    before = (version.stat().st_mtime_ns, image.stat().st_mtime_ns)
+    start = time.perf_counter()
+    assert ensure_synthetic(synthetic_root) == synthetic_root
+    assert time.perf_counter() - start < 0.5
+    assert (version.stat().st_mtime_ns, image.stat().st_mtime_ns) == before
+
+
+def test_ensure_synthetic_regenerates_an_outdated_dataset(tmp_path, monkeypatch):
+    root = generate(tmp_path / "data", categories=("tile",), size=64)
+    (root / "VERSION").write_text("written by an older generator\n")
+    (root / "stale.txt").write_text("left over")
+    calls = []
+
+    def small_generate(path):
+        calls.append(path)
+        return generate(path, categories=("tile",), size=64)  # the default set takes seconds
+
+    monkeypatch.setattr(synthetic, "generate", small_generate)
+    assert ensure_synthetic(root) == root
+    assert calls == [root]
+    assert not (root / "stale.txt").exists() and (root / "VERSION").read_text().startswith("patchcore_lite")
+    assert not [p for p in tmp_path.iterdir() if p.name != "data"], "temporary folders left behind"
+
+
+def test_concurrent_generation_is_safe(tmp_path):
+    root = tmp_path / "data"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda _: generate(root, categories=("stripes",), size=64), range(2)))
+    assert results == [root, root]
+    assert len(mvtec_samples(root / "stripes", "train")) == synthetic.N_TRAIN
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+def test_generate_refuses_to_replace_other_data(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(DataError, match="refusing to replace"):
+        generate(tmp_path / "photos", categories=("tile",))
+    assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"precious"

@@ -1,0 +1,113 @@
+"""Figures: returned (never shown), titled, labelled, with legends, and inputs checked."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from patchcore_lite import viz
+from patchcore_lite.metrics import aupro
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.random((5, 16, 20, 3))
+MAPS = RNG.random((5, 16, 20)).astype(np.float32)
+MASKS = np.zeros((5, 16, 20), dtype=bool)
+MASKS[:2, 3:7, 4:9] = True
+LABELS = np.array([1, 1, 0, 0, 0])
+SCORES = np.array([0.9, 0.4, 0.5, 0.1, 0.2])
+
+
+def legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_overlay_draws_map_mask_and_colour_bar():
+    fig = viz.overlay(IMAGES[0], MAPS[0], MASKS[0], title="bottle 000")
+    assert isinstance(fig, Figure)
+    ax, colour_bar = fig.axes
+    assert ax.get_title() == "bottle 000" and colour_bar.get_ylabel() == "anomaly score"
+    assert len(ax.images) == 2 and legend_texts(ax) == ["ground truth"]
+    assert ax.collections, "the mask outline is drawn as a contour"
+
+
+def test_overlay_on_given_axes_with_grey_image_and_empty_mask():
+    ax = Figure().add_subplot()
+    assert viz.overlay(IMAGES[0, :, :, 0], MAPS[0], np.zeros((16, 20)), ax=ax) is ax.figure
+    assert not ax.collections  # nothing to outline
+
+
+def test_overlay_checks_shapes_and_range():
+    with pytest.raises(ValueError, match="does not match"):
+        viz.overlay(IMAGES[0], MAPS[0, :, :10])
+    with pytest.raises(ValueError, match="mask shape"):
+        viz.overlay(IMAGES[0], MAPS[0], MASKS[0, :10])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        viz.overlay(IMAGES[0] * 255, MAPS[0])
+    with pytest.raises(ValueError, match="H, W, 3"):
+        viz.overlay(IMAGES[0, :, :, :2], MAPS[0])
+
+
+def test_plot_examples_grid():
+    fig = viz.plot_examples(IMAGES, MAPS, MASKS, SCORES, LABELS, n=3, title="demo")
+    assert fig.get_suptitle() == "demo"
+    image_axes = [ax for ax in fig.axes if ax.get_title()]  # colour bars have no title
+    assert len(image_axes) == 9
+    # Two anomalous (half of 3, rounded up) then one normal image, in dataset order.
+    assert [ax.get_title() for ax in image_axes[::3]] == ["image 0", "image 1", "image 2"]
+    assert image_axes[0].get_ylabel() == "anomalous\nscore 0.9"
+    assert image_axes[6].get_ylabel() == "normal\nscore 0.5"
+    # All overlays share one colour scale.
+    assert {ax.images[1].get_clim() for ax in image_axes[2::3]} == {(float(MAPS[:3].min()), float(MAPS[:3].max()))}
+
+
+def test_plot_examples_indices_and_shapes():
+    fig = viz.plot_examples(IMAGES, MAPS, MASKS, SCORES, LABELS, indices=[4])
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()][0] == "image 4"
+    with pytest.raises(ValueError, match="indices"):
+        viz.plot_examples(IMAGES, MAPS, MASKS, SCORES, LABELS, indices=[5])
+    with pytest.raises(ValueError, match="maps"):
+        viz.plot_examples(IMAGES, MAPS[:, :8], MASKS, SCORES, LABELS)
+    with pytest.raises(ValueError, match="equal length"):
+        viz.plot_examples(IMAGES, MAPS, MASKS, SCORES[:4], LABELS)
+
+
+def test_plot_roc_compares_models_on_one_axes():
+    fig = viz.plot_roc(LABELS, SCORES, label="patchcore")
+    ax = fig.axes[0]
+    viz.plot_roc(LABELS, -SCORES, ax=ax, label="reversed")
+    assert ax.get_title() and ax.get_xlabel().startswith("false positive rate") and ax.get_ylabel()
+    # Anomalous 0.9 and 0.4 against normal 0.5, 0.1, 0.2: 5 of 6 pairs ranked right.
+    assert legend_texts(ax) == ["chance", "patchcore (AUROC 0.833)", "reversed (AUROC 0.167)"]
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        viz.plot_roc([0, 0], [0.1, 0.2])
+
+
+def test_plot_pro_curve_reports_aupro():
+    fig = viz.plot_pro_curve(MASKS, MAPS, fpr_limit=0.3, label="m")
+    ax = fig.axes[0]
+    assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel() and ax.get_xlim() == (0, 0.3)
+    assert legend_texts(ax) == ["perfect", f"m (AUPRO@0.3 {aupro(MASKS, MAPS, 0.3):.3f})"]
+    assert ax.lines[-1].get_xdata()[-1] == 0.3
+
+
+def test_plot_score_histogram_with_threshold():
+    fig = viz.plot_score_histogram(LABELS, SCORES, threshold=0.45, bins=5)
+    ax = fig.axes[0]
+    assert ax.get_title() and ax.get_xlabel() == "image anomaly score" and ax.get_ylabel() == "number of images"
+    assert legend_texts(ax) == ["normal (3)", "anomalous (2)", "threshold 0.45"]
+    assert sum(p.get_height() for p in ax.patches) == len(SCORES)
+
+
+def test_plot_bar_groups_metrics_per_row():
+    rows = [{"name": "bottle", "image_auroc": 1.0, "aupro": 0.9}, {"name": "grid", "image_auroc": 0.8, "aupro": 0.7}]
+    fig = viz.plot_bar(rows, ["image_auroc", "aupro"], title="per category")
+    ax = fig.axes[0]
+    assert ax.get_title() == "per category" and ax.get_xlabel() == "name" and ax.get_ylabel()
+    assert legend_texts(ax) == ["image_auroc", "aupro"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bottle", "grid"]
+    assert [p.get_height() for p in ax.patches] == [1.0, 0.8, 0.9, 0.7]
+    with pytest.raises(ValueError, match="missing"):
+        viz.plot_bar(rows, ["pixel_auroc"])
