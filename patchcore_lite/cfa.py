@@ -47,7 +47,7 @@ memory-bank mean       mean of batch means          same                        
 model selection        best epoch *on the test      last epoch                  best epoch on a held-
                        set*, each metric apart                                  out split of training
                                                                                 normals + cut-paste
-epochs                 30                           30 (max_epochs)             ``epochs`` (fast: 8);
+epochs                 30                           30 (max_epochs)             ``epochs`` (fast: 3);
                                                                                 ``PAPER_EPOCHS`` = 30
 K-means                sklearn, 3000 iterations,    same                        sklearn, seeded,
                        unseeded                                                 n_init=1
@@ -70,6 +70,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,13 +104,13 @@ class CFAConfig:
     nu: float = 1e-3  # losses are divided by nu
     radius: float = 1e-5  # initial r
     learn_radius: bool = True  # official: r is learned; anomalib: fixed
-    epochs: int = 8  # fast path; the paper trains PAPER_EPOCHS
+    epochs: int = 3  # fast path; the paper trains PAPER_EPOCHS
     batch_size: int = 4
     lr: float = 1e-3
     weight_decay: float = 5e-4
     sigma: float = 4.0
     val_fraction: float = 0.2  # held-out training normals for model selection; 0 = keep the last epoch
-    val_anomalies: int = 2  # cut-paste copies per held-out image
+    val_anomalies: int = 1  # cut-paste copies per held-out image
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -207,6 +208,85 @@ def softmin_score(dist: torch.Tensor) -> torch.Tensor:
     return torch.softmax(-dist, dim=-1)[..., 0] * dist[..., 0]
 
 
+# ----------------------------------------------------------------------------- 2-D picture
+
+
+@dataclass
+class ToyRun:
+    """A 2-D run of ``hypersphere_toy``: the memory vectors and every point's path."""
+
+    memory: torch.Tensor  # (M, 2)
+    path: torch.Tensor  # (steps + 1, N, 2)
+    l_att: list[float]
+    l_rep: list[float]
+    radius: float
+    alpha: float
+    k: int
+    j: int
+
+
+def hypersphere_toy(
+    steps: int = 40, n_points: int = 60, k: int = 1, j: int = 1, radius: float = 0.6, alpha: float = 0.1,
+    lr: float = 0.04, seed: int = 0,
+) -> ToyRun:
+    """The coupled hyperspheres in 2-D: points phi(p_t) moved by gradient descent on L_att + L_rep.
+
+    Seven fixed memory vectors (a hexagon and its centre, 0.7 apart); each point is pulled into the
+    sphere of radius r around its K nearest (L_att) and pushed out of the sphere of squared radius
+    r^2 - alpha around the next J (L_rep). Here the points move freely (in CFA the descriptor's weights move them all at once),
+    by plain gradient descent on the loss summed over points (scaled by nu, so a step does not
+    depend on their number). Uses the model's own ``nearest_squared`` and ``cfa_loss``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    angles = torch.arange(6) * math.pi / 3
+    memory = torch.cat([torch.zeros(1, 2), 0.7 * torch.stack([angles.cos(), angles.sin()], dim=1)])
+    points = (0.8 * torch.randn(n_points, 2, generator=generator)).requires_grad_()
+    optimizer = torch.optim.SGD([points], lr=lr)
+    path, atts, reps = [points.detach().clone()], [], []
+    for step in range(steps + 1):
+        att, rep = cfa_loss(nearest_squared(points, memory, k + j), radius, k, alpha, nu=1.0)
+        atts.append(att.item())
+        reps.append(rep.item())
+        if step == steps:
+            break
+        optimizer.zero_grad()
+        ((att + rep) * n_points).backward()
+        optimizer.step()
+        path.append(points.detach().clone())
+    return ToyRun(memory, torch.stack(path), atts, reps, radius, alpha, k, j)
+
+
+def hypersphere_view(run: ToyRun, step: int, ax: Any = None) -> tuple[Any, dict[str, float]]:
+    """Draw ``run`` at ``step`` (spheres, paths so far, points coloured by the loss term acting on
+    them); return the figure and its numbers, as the book's slider callbacks (``widgets``) do."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
+
+    ax = ax if ax is not None else Figure(figsize=(5.2, 5.6), layout="constrained").add_subplot()
+    inner = math.sqrt(max(run.radius**2 - run.alpha, 0.0))
+    for i, c in enumerate(run.memory.tolist()):
+        ax.add_patch(Circle(c, run.radius, fill=False, color="tab:blue", label="attraction sphere r" if i == 0 else None))
+        if inner > 0:
+            ax.add_patch(Circle(c, inner, fill=False, ls="--", color="tab:red",
+                                label="repulsion sphere sqrt(r² - α)" if i == 0 else None))
+    now = run.path[step]
+    d = nearest_squared(now, run.memory, run.k + run.j)
+    pulled = (d[:, : run.k] > run.radius**2).any(dim=1)
+    pushed = (d[:, run.k :] < run.radius**2 - run.alpha).any(dim=1)
+    for n in range(now.shape[0]):
+        ax.plot(*run.path[: step + 1, n].T, color="0.8", lw=0.7, zorder=1)
+    for mask, colour, label in ((~pulled & ~pushed, "tab:green", "at rest"), (pulled, "tab:blue", "pulled (L_att > 0)"),
+                                (pushed, "tab:red", "pushed (L_rep > 0)")):
+        ax.scatter(*now[mask].T, s=14, color=colour, label=label, zorder=3)
+    ax.scatter(*run.memory.T, marker="X", s=90, color="black", label="memory vectors c", zorder=4)
+    ax.set(xlim=(-2.2, 2.2), ylim=(-2.2, 2.2), aspect="equal", xlabel="feature 1", ylabel="feature 2",
+           title=f"step {step}: L_att = {run.l_att[step]:.3f}, L_rep = {run.l_rep[step]:.3f}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7)
+    numbers = {"step": step, "l_att": run.l_att[step], "l_rep": run.l_rep[step],
+               "pulled": int(pulled.sum()), "pushed": int(pushed.sum())}
+    return ax.figure, numbers
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -262,8 +342,9 @@ class CFA:
         weights_path: backbone weights file instead of the default source.
         device: where the backbone, descriptor and distances run.
 
-    After ``fit``: ``memory_bank`` (M, D'), ``radius``, ``history`` (one dict per epoch, 0 = before
-    training: losses, r and the validation metrics) and ``best_epoch`` (the epoch kept).
+    After ``fit``: ``memory_bank`` (M, D'), ``radius``, ``history`` (one dict per epoch: the mean
+    training losses ``loss``, ``l_att``, ``l_rep`` (NaN for epoch 0, before training), r at the
+    epoch's end and the validation metrics ``val_*``) and ``best_epoch`` (the epoch kept).
     """
 
     def __init__(
@@ -309,18 +390,17 @@ class CFA:
             [*self.descriptor.parameters(), self.radius], lr=c.lr, weight_decay=c.weight_decay, amsgrad=True
         )
         generator = torch.Generator().manual_seed(c.seed)
-        self.history = [self._record(0, *self._epoch(feats, None, generator), val)]
-        best = (self.history[0].get("val_score", 0.0), self._state())
-        self.best_epoch = 0
+        # Epoch 0 is the untrained descriptor: validated, so it can be kept; no training loss yet.
+        self.history = [self._record(0, math.nan, math.nan, val)]
+        best, self.best_epoch = self._state(), 0
         bar = tqdm(range(1, c.epochs + 1), desc="CFA training", disable=not progress, unit="epoch")
         for epoch in bar:
             self.history.append(self._record(epoch, *self._epoch(feats, optimizer, generator), val))
             bar.set_postfix({k: f"{v:.4g}" for k, v in self.history[-1].items() if k in ("loss", "val_score")})
-            if val is None or self.history[-1]["val_score"] > best[0]:
-                best = (self.history[-1].get("val_score", 0.0), self._state())
-                self.best_epoch = epoch
-        self.descriptor.load_state_dict(best[1]["descriptor"])
-        self.radius.data.copy_(best[1]["radius"])
+            if val is None or self.history[-1]["val_score"] > self.history[self.best_epoch]["val_score"]:
+                best, self.best_epoch = self._state(), epoch
+        self.descriptor.load_state_dict(best["descriptor"])
+        self.radius.data.copy_(best["radius"])
         return self
 
     @torch.no_grad()
@@ -342,19 +422,16 @@ class CFA:
         }
 
     def _epoch(
-        self, feats: torch.Tensor, optimizer: torch.optim.Optimizer | None, generator: torch.Generator
+        self, feats: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator
     ) -> tuple[float, float]:
-        """One pass over the training features in seeded random batches; None: only measure the loss."""
+        """One pass over the training features in seeded random batches: mean (L_att, L_rep) over it."""
         c, att_sum, rep_sum = self.config, 0.0, 0.0
-        order = torch.randperm(len(feats), generator=generator) if optimizer else torch.arange(len(feats))
-        for batch in order.split(c.batch_size):
-            with torch.set_grad_enabled(optimizer is not None):
-                att, rep = cfa_loss(self._distances(self.descriptor(feats[batch]), c.k + c.j), self.radius, c.k,
-                                    c.alpha, c.nu)
-            if optimizer is not None:
-                optimizer.zero_grad()
-                (att + rep).backward()
-                optimizer.step()
+        for batch in torch.randperm(len(feats), generator=generator).split(c.batch_size):
+            dist_sq = self._distances(self.descriptor(feats[batch]), c.k + c.j)
+            att, rep = cfa_loss(dist_sq, self.radius, c.k, c.alpha, c.nu)
+            optimizer.zero_grad()
+            (att + rep).backward()
+            optimizer.step()
             att_sum += att.item() * len(batch)
             rep_sum += rep.item() * len(batch)
         return att_sum / len(feats), rep_sum / len(feats)
@@ -368,7 +445,7 @@ class CFA:
             row["val_score"] = float(np.mean(list(metrics.values())))
         return row
 
-    def _state(self) -> dict[str, object]:
+    def _state(self) -> dict[str, Any]:
         return {"descriptor": {k: v.clone() for k, v in self.descriptor.state_dict().items()},
                 "radius": self.radius.detach().clone()}
 

@@ -12,15 +12,17 @@ Two implementations return the *same indices*:
 
 * ``fast=False``: the plain loop. Each step streams the whole bank once to get
   the distances to the new pick and takes an in-place minimum. Memory-bound.
-* ``fast=True`` (default): the same greedy choices with far fewer bytes moved.
-  Points are grouped into blocks (k-means); each block keeps the maximum of its
-  points' min-distances, an upper bound while the block is stale. Only the block
-  with the largest bound is brought up to date, against all picks it has not
-  seen at once (a matrix product instead of one bank scan per pick); picks that
-  the triangle inequality shows cannot reach the block are skipped. The matrix
-  product is only a filter with a proven error bound: every distance that can
-  change a min-distance is recomputed with the plain loop's own arithmetic, so
-  the selected indices are identical, ties included (lowest index wins).
+* ``fast=True`` (default): the same greedy choices with far fewer bytes moved
+  (``_LazyGreedy``). Only the "hot" points, whose min-distance is near the top,
+  are updated after each pick, by the plain loop's own product over a
+  cache-sized matrix. Every other point keeps a stale min-distance, an upper
+  bound below the hot threshold, so it cannot be the next pick. When the hot set
+  runs dry the threshold drops and the points above it catch up with all the
+  picks they missed at once: a matrix product (compute-bound, not memory-bound)
+  filters the (point, pick) pairs with a proven rounding margin, and only the
+  pairs that may lower a min-distance are recomputed with the plain arithmetic.
+  Points that end far below the coverage radius are never touched again. The
+  selected indices are identical, ties included (lowest index wins).
 
 Distances are squared Euclidean distances ``|x|^2 - 2 x.c + |c|^2`` (clamped at
 0) of mean-centred features; squaring does not change any argmax or minimum.
@@ -39,6 +41,9 @@ from tqdm.auto import tqdm
 STARTS = ("official", "single")
 METHODS = ("greedy", "random")
 _UNIT = 2.0**-24  # float32 unit roundoff
+# A picked point's min-distance: below every distance, so with exact duplicates
+# (all remaining distances 0) no point is picked twice.
+_PICKED = -1.0
 _HOT = 16384  # fast path: points kept up to date per pick (about 8 MB at d = 128)
 _COMPACT_EVERY = 32  # picks between checks whether the hot set can shrink
 _LAG_RATIO = 1.25  # catch-up groups points whose missed-pick counts differ by < 25%
@@ -88,16 +93,18 @@ def random_coreset(n: int, n_select: int, seed: int = 0) -> Tensor:
     return torch.randperm(n, generator=g)[:n_select]
 
 
-def coreset_radius(projected: Tensor, indices: Tensor, chunk_size: int = 4096) -> float:
+def coreset_radius(projected: Tensor, indices: Tensor) -> float:
     """Coverage radius ``max_m min_{n in coreset} ||m - n||_2`` (the k-center objective).
 
-    Computed by direct differences in float64, in chunks (no N x N matrix).
+    float64, in chunks of at most 2^22 distances (no N x N matrix).
     """
     _check_features(projected)
     sel = projected[indices].double()
+    if len(sel) == 0:
+        raise ValueError("the coreset is empty")
     radius = 0.0
-    for chunk in projected.double().split(chunk_size):
-        radius = max(radius, torch.cdist(chunk, sel).amin(dim=1).max().item())
+    for chunk in projected.split(max(1, 2**22 // len(sel))):
+        radius = max(radius, torch.cdist(chunk.double(), sel).amin(dim=1).max().item())
     return radius
 
 
@@ -134,6 +141,7 @@ def greedy_coreset(
     if start == "single":
         picks = [int(rng.integers(n))]
         mindist = _distances_to(x, xt, xsq, picks[0])
+        mindist[picks[0]] = _PICKED
     else:
         starts = rng.choice(n, size=min(num_starts, n), replace=False)
         picks, mindist = [], _mean_start_distance(x, xt, xsq, starts)
@@ -234,7 +242,8 @@ def _kernels_match(x: Tensor, xt: Tensor, xsq: Tensor, rng: np.random.Generator)
     for i in rng.integers(n, size=2).tolist():
         full = _distances_to(x, xt, xsq, i)[cols]
         pair = _pair_distances(x[[i]].expand(len(cols), -1), xsq[i].expand(len(cols)), x[cols], xsq[cols])
-        if not (torch.equal(full, pair) and torch.equal(full, _distances_to(x, sub, xsq[cols], i))):
+        part = _finish(x[i] @ sub, xsq[cols], xsq[i])
+        if not (torch.equal(full, pair) and torch.equal(full, part)):
             warnings.warn("this BLAS sums dot products differently in batched and matrix-vector products: "
                           "using the plain greedy loop (same result, slower)", RuntimeWarning, stacklevel=3)
             return False
@@ -259,6 +268,7 @@ def _greedy_plain(x: Tensor, xt: Tensor, xsq: Tensor, picks: list[int], mindist:
         i = int(torch.argmax(mindist))  # first maximum: lowest index on ties
         picks.append(i)
         torch.minimum(mindist, _distances_to(x, xt, xsq, i), out=mindist)
+        mindist[i] = _PICKED
         bar.update()
 
 
@@ -315,6 +325,7 @@ class _LazyGreedy:
             i = ids_list[j.item()]
             picks.append(i)
             torch.minimum(r, _finish(x[i] @ xt, sq, xsq[i]), out=r)
+            r[j] = _PICKED
             bar.update()
             if len(picks) % _COMPACT_EVERY == 0:
                 keep = r >= tau

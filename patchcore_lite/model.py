@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -155,6 +156,7 @@ class PatchCore:
         self.memory_bank: torch.Tensor | None = None
         self.index: NearestNeighbors | None = None
         self.n_train_patches = 0
+        self.fit_timings: dict[str, float] = {}
 
     # ---- features -------------------------------------------------------------
     @torch.inference_mode()
@@ -185,13 +187,20 @@ class PatchCore:
     def fit(self, data: Data, progress: bool = True) -> PatchCore:
         """Build the memory bank of training patches and subsample it (Algorithm 1)."""
         c = self.config
+        start = time.perf_counter()
         bank = self._all_features(data, progress, "features (train)").flatten(0, 2)
+        extracted = time.perf_counter()
         self.n_train_patches = len(bank)
         picks = select_coreset(
             bank, c.coreset_ratio, c.coreset_method, c.projection_dim, c.projection_eps,
             c.coreset_start, c.seed, progress,
         )
         self._set_bank(bank[picks].contiguous())
+        self.fit_timings = {
+            "features_s": extracted - start,
+            "coreset_s": time.perf_counter() - extracted,
+            "coreset_picks": len(picks),
+        }
         return self
 
     @property

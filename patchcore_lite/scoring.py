@@ -20,10 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .knn import NearestNeighbors
+from .knn import NearestNeighbors
 
 
 def patch_scores(

@@ -1,0 +1,208 @@
+"""Greedy coreset (Algorithm 1): the fast path equals the plain loop, k-center properties, projection."""
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from patchcore_lite import coreset as cs
+from patchcore_lite.coreset import (
+    coreset_radius,
+    greedy_coreset,
+    jl_dimension,
+    random_coreset,
+    random_projection,
+    select_coreset,
+)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _clustered(n: int, d: int, k: int, seed: int, spread: float = 0.05) -> torch.Tensor:
+    g = _gen(seed)
+    centers = torch.randn(k, d, generator=g)
+    return centers[torch.randint(k, (n,), generator=g)] + spread * torch.randn(n, d, generator=g)
+
+
+def _case(seed: int) -> tuple[torch.Tensor, int]:
+    """Random bank of one of six kinds (ties, duplicates, clusters, offsets) and a pick count."""
+    g = _gen(seed)
+    n = [1, 2, 3000][seed] if seed < 3 else int(torch.randint(1, 3001, (1,), generator=g))
+    d = int(torch.randint(1, 40, (1,), generator=g))
+    kind = seed % 6
+    if kind == 0:
+        x = torch.randn(n, d, generator=g)
+    elif kind == 1:  # integer grid: many exactly equal distances
+        x = torch.randint(0, 3, (n, d), generator=g).float()
+    elif kind == 2:  # every point several times
+        x = torch.randn(max(1, n // 4), d, generator=g).repeat(4, 1)[:n]
+    elif kind == 3:
+        x = _clustered(n, d, 12, seed)
+    elif kind == 4:  # all identical
+        x = torch.full((n, d), 0.7)
+    else:  # far from the origin, small spread: the |x|^2 - 2x.c + |c|^2 form loses digits
+        x = 100 + 0.01 * torch.randn(n, d, generator=g)
+    few = min(n, 300)  # keeps the plain loop quick; n <= 300 also covers n_select = N
+    choices = [1, few, max(1, n // 20), int(torch.randint(1, few + 1, (1,), generator=g))]
+    return x, choices[seed % 4]
+
+
+@pytest.mark.parametrize("start", ["official", "single"])
+@pytest.mark.parametrize("seed", range(30))
+def test_fast_equals_plain(seed, start):
+    x, k = _case(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast path must really run here
+        fast = greedy_coreset(x, k, start=start, seed=seed, fast=True)
+    plain = greedy_coreset(x, k, start=start, seed=seed, fast=False)
+    assert torch.equal(fast, plain)
+    assert len(fast.unique()) == k  # no point picked twice, duplicates included
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_equals_plain_tiny_hot_set(monkeypatch, seed):
+    """Tiny hot set, filter chunks and compaction period: every catch-up branch runs often."""
+    monkeypatch.setattr(cs, "_HOT", 8)
+    monkeypatch.setattr(cs, "_FILTER_ELEMS", 2048)
+    monkeypatch.setattr(cs, "_COMPACT_EVERY", 2)
+    x = _clustered(600, 6, 30, seed, spread=0.3) if seed % 2 else torch.randint(0, 4, (600, 5)).float()
+    for start in ("official", "single"):
+        fast = greedy_coreset(x, 120, start=start, seed=seed)
+        assert torch.equal(fast, greedy_coreset(x, 120, start=start, seed=seed, fast=False))
+
+
+def test_fast_path_falls_back_when_kernels_differ(monkeypatch):
+    exact = cs._pair_distances
+    monkeypatch.setattr(cs, "_pair_distances", lambda *a: exact(*a) * (1 + 2**-20))
+    x = torch.randn(500, 8, generator=_gen(0))
+    with pytest.warns(RuntimeWarning, match="plain greedy loop"):
+        fast = greedy_coreset(x, 50, fast=True)
+    assert torch.equal(fast, greedy_coreset(x, 50, fast=False))
+
+
+def test_ties_pick_lowest_index():
+    # All points are starts: every mean distance is 1, so index 0 goes first; then 1 and 3
+    # tie at distance 1 (1 wins); then only zeros are left among 2 and 3 (2 wins).
+    x = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
+    for fast in (True, False):
+        assert greedy_coreset(x, 3, num_starts=4, fast=fast).tolist() == [0, 1, 2]
+
+
+def _min_dist(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(points, centers).amin(dim=1)
+
+
+def test_k_center_radius_is_next_pick_distance():
+    """Single start: radius after k picks = distance of pick k+1 to the first k, non-increasing."""
+    x = _clustered(400, 8, 10, 1, spread=0.4).double()
+    picks = greedy_coreset(x.float(), 40, start="single", seed=3).tolist()
+    radii = [coreset_radius(x, torch.tensor(picks[:k])) for k in range(1, 40)]
+    next_dist = [_min_dist(x[[p]], x[picks[:k]]).item() for k, p in enumerate(picks[1:], start=1)]
+    np.testing.assert_allclose(radii, next_dist, rtol=1e-4)
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(radii, radii[1:]))
+    assert (_min_dist(x, x[picks]) <= radii[-1] * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_within_twice_optimal(seed):
+    x = torch.randn(12, 2, generator=_gen(seed), dtype=torch.float64)
+    optimal = min(coreset_radius(x, torch.tensor(s)) for s in itertools.combinations(range(12), 3))
+    greedy = coreset_radius(x, greedy_coreset(x.float(), 3, start="single", seed=seed))
+    assert greedy <= 2 * optimal + 1e-9
+
+
+def test_greedy_covers_clusters_better_than_random():
+    x = _clustered(3000, 16, 40, 0, spread=0.05)
+    greedy = coreset_radius(x, select_coreset(x, 0.02, "greedy", projection_dim=8))
+    rand = coreset_radius(x, select_coreset(x, 0.02, "random"))
+    assert greedy < 0.5 * rand
+
+
+def test_coreset_radius_brute_force():
+    x = torch.randn(50, 3, generator=_gen(2))
+    sel = torch.tensor([0, 7, 9])
+    assert coreset_radius(x, sel) == pytest.approx(torch.cdist(x.double(), x[sel].double()).amin(1).max().item())
+
+
+# ---- projection -----------------------------------------------------------------
+
+
+def test_jl_dimension_matches_sklearn_values():
+    assert jl_dimension(10**6, 0.5) == 663  # sklearn's documented examples
+    assert jl_dimension(10**6, 0.1) == 11841
+    assert jl_dimension(163_856, 0.9) == 296  # anomalib's dimension for MVTec bottle
+    for eps in (0, 1, 1.5):
+        with pytest.raises(ValueError):
+            jl_dimension(100, eps)
+
+
+def test_projection_shape_and_determinism():
+    x = torch.randn(300, 64, generator=_gen(0))
+    a = random_projection(x, 16, seed=1)
+    assert a.shape == (300, 16) and a.dtype == torch.float32
+    assert torch.equal(a, random_projection(x, 16, seed=1))
+    assert not torch.equal(a, random_projection(x, 16, seed=2))
+    assert random_projection(x, 64) is x and random_projection(x, 100) is x  # d >= D: unchanged
+
+
+def test_projection_preserves_distances_within_jl_eps():
+    eps = 0.5
+    x = torch.randn(200, 1000, generator=_gen(4))
+    y = random_projection(x, eps=eps, seed=0)
+    assert y.shape[1] == jl_dimension(200, eps)
+    iu = torch.triu_indices(200, 200, 1)
+    ratio = (torch.cdist(y, y) ** 2 / torch.cdist(x, x) ** 2)[iu[0], iu[1]]
+    assert ((ratio > 1 - eps) & (ratio < 1 + eps)).float().mean() >= 0.95
+    assert ratio.mean().item() == pytest.approx(1.0, abs=0.05)  # N(0, 1/d): unbiased
+
+
+# ---- select_coreset -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "ratio", "expected"), [(1000, 0.1, 100), (999, 0.1, 99), (5, 0.1, 1), (7, 0.5, 3)])
+def test_select_coreset_rounding(n, ratio, expected):
+    x = torch.randn(n, 4, generator=_gen(n))
+    for method in ("greedy", "random"):
+        picks = select_coreset(x, ratio, method)
+        assert picks.dtype == torch.long and len(picks) == expected == len(picks.unique())
+
+
+def test_select_coreset_ratio_one_returns_everything():
+    assert torch.equal(select_coreset(torch.randn(17, 3), 1.0), torch.arange(17))
+
+
+def test_random_coreset_deterministic():
+    assert torch.equal(random_coreset(100, 10, seed=3), random_coreset(100, 10, seed=3))
+    assert not torch.equal(random_coreset(100, 10, seed=3), random_coreset(100, 10, seed=4))
+    assert len(random_coreset(100, 100).unique()) == 100
+
+
+def test_select_coreset_projects_with_jl_eps():
+    x = torch.randn(400, 512, generator=_gen(5))
+    assert len(select_coreset(x, 0.05, eps=0.9)) == 20
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5])
+def test_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        select_coreset(torch.randn(10, 3), ratio)
+
+
+def test_bad_arguments():
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="method"):
+        select_coreset(x, 0.5, "kmeans")
+    with pytest.raises(ValueError, match="start"):
+        greedy_coreset(x, 2, start="centre")
+    with pytest.raises(ValueError, match="n_select"):
+        greedy_coreset(x, 11)
+    with pytest.raises(ValueError, match="n_select"):
+        random_coreset(10, 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        select_coreset(torch.empty(0, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        select_coreset(torch.tensor([[0.0, float("nan")]] * 3), 0.5)

@@ -1,0 +1,98 @@
+"""The book's widget callbacks: precomputed results, figures, numbers, and the slider that drives them."""
+
+from functools import partial
+from pathlib import Path
+
+import ipywidgets
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from patchcore_lite import widgets
+
+SIZES = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def results(synthetic_root: Path) -> dict:
+    # A 1% coreset keeps the two fits quick; the figure and numbers do not depend on it.
+    return widgets.patch_size_results(synthetic_root / "tile", SIZES, coreset_ratio=0.01)
+
+
+def titles(fig: Figure) -> list[str]:
+    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+
+def test_results_keep_metrics_and_one_anomalous_image_per_patch_size(results):
+    assert sorted(results) == list(SIZES)
+    for r in results.values():
+        assert set(r["metrics"]) == {"image_auroc", "pixel_auroc", "aupro"}
+        assert all(0.5 < v <= 1 for v in r["metrics"].values()), r["metrics"]  # far better than chance
+        assert r["map"].shape == r["mask"].shape == (224, 224) and r["mask"].any()
+        assert r["image"].shape == (224, 224, 3) and 0 <= r["image"].min() and r["image"].max() <= 1
+        assert r["features"].shape == (28, 28)
+        assert Path(r["path"]).parent.name != "good"
+    # The map is highest on the defect: its mean inside the mask beats the mean outside.
+    r = results[3]
+    assert r["map"][r["mask"]].mean() > r["map"][~r["mask"]].mean()
+
+
+def test_larger_neighbourhoods_give_smoother_features(results):
+    assert results[3]["neighbour_change"] < results[1]["neighbour_change"]
+
+
+def test_neighbour_change_analytic():
+    assert widgets.neighbour_change(torch.ones(4, 5, 3)) == 0.0
+    checkerboard = torch.tensor([[0.0, 1.0], [1.0, 0.0]])[..., None]
+    # Every adjacent pair differs by 1; the mean norm is 0.5.
+    assert widgets.neighbour_change(checkerboard) == pytest.approx(2.0)
+
+
+def test_principal_component_map_follows_the_main_direction_with_a_fixed_sign():
+    columns = torch.arange(6.0).expand(4, 6)  # feature grows along the width
+    along = torch.stack([columns, torch.zeros(4, 6)], dim=-1)
+    against = torch.stack([-columns, torch.zeros(4, 6)], dim=-1)
+    up, down = widgets.principal_component_map(along), widgets.principal_component_map(against)
+    assert up.shape == (4, 6)
+    np.testing.assert_allclose(up, np.tile(np.arange(6.0) - 2.5, (4, 1)), atol=1e-5)
+    np.testing.assert_allclose(down, -up, atol=1e-5)  # loadings summing >= 0 fix the sign
+
+
+def test_view_draws_features_map_and_metrics_and_returns_the_numbers(results):
+    fig, numbers = widgets.patch_size_view(results, 3)
+    assert isinstance(fig, Figure) and "3x3" in fig.get_suptitle()
+    assert numbers == {"patch_size": 3, **results[3]["metrics"], "neighbour_change": results[3]["neighbour_change"]}
+    assert titles(fig)[:3] == [
+        "p = 3: patch features (1st principal component)",
+        "p = 3: anomaly map",
+        "Detection and localisation vs p",
+    ]
+    metric_ax = next(ax for ax in fig.axes if ax.get_title().startswith("Detection"))
+    legend = [t.get_text() for t in metric_ax.get_legend().get_texts()]
+    assert legend == ["image auroc", "pixel auroc", "aupro", "p = 3"]
+    assert metric_ax.get_xlabel() == "neighbourhood size p"
+    assert list(metric_ax.lines[0].get_xdata()) == list(SIZES)
+
+
+def test_view_and_grid_reject_sizes_that_were_not_computed(results):
+    with pytest.raises(ValueError, match=r"p=5; choose one of \[1, 3\]"):
+        widgets.patch_size_view(results, 5)
+    with pytest.raises(ValueError, match=r"p=\[5\]"):
+        widgets.patch_size_grid(results, (3, 5))
+
+
+def test_grid_has_one_row_per_patch_size(results):
+    fig = widgets.patch_size_grid(results)
+    assert titles(fig) == [
+        "p = 1: patch features (1st principal component)", "p = 1: anomaly map",
+        "p = 3: patch features (1st principal component)", "p = 3: anomaly map",
+    ]
+
+
+def test_interactive_view_follows_the_slider(results):
+    slider = ipywidgets.SelectionSlider(options=SIZES, value=1, description="p")
+    widget = widgets.interactive_view(partial(widgets.patch_size_view, results), p=slider)
+    assert widget.result["patch_size"] == 1
+    slider.value = 3
+    assert widget.result == widgets.patch_size_view(results, 3)[1]

@@ -1,0 +1,246 @@
+"""Chapters 3-5's helpers and widget callbacks: coreset sweep, coverage, scoring, search trade-off, PRO regions."""
+
+from functools import partial
+from pathlib import Path
+
+import ipywidgets
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from patchcore_lite import widgets
+from patchcore_lite.coreset import coreset_radius, greedy_coreset, random_coreset, select_coreset
+from patchcore_lite.datasets import load_image, train_test_samples
+from patchcore_lite.model import PatchCore
+
+RATIOS = (0.01, 0.05, 0.2, 1.0)
+GRID, CELL = 8, 4  # fake test images: 8 x 8 patches of 4 x 4 pixels
+
+
+def clustered_bank(seed: int = 0, dim: int = 160) -> torch.Tensor:
+    """1500 points: one big dense cluster and ten small, distant ones (rare but normal patterns)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(11, dim, generator=g) * 4
+    sizes = [1200] + [30] * 10
+    return torch.cat([c + 0.3 * torch.randn(n, dim, generator=g) for c, n in zip(centres, sizes)])
+
+
+@pytest.fixture(scope="module")
+def bank() -> torch.Tensor:
+    return clustered_bank()
+
+
+@pytest.fixture(scope="module")
+def test_set(bank: torch.Tensor) -> dict:
+    """4 normal images (patches drawn from the bank plus noise) and 4 with a far-off 2 x 2 patch block."""
+    g = torch.Generator().manual_seed(1)
+    picks = torch.randint(len(bank), (8, GRID, GRID), generator=g)
+    features = bank[picks] + 0.1 * torch.randn(8, GRID, GRID, bank.shape[1], generator=g)
+    features[4:, 2:4, 2:4] += 25.0
+    masks = np.zeros((8, GRID * CELL, GRID * CELL), dtype=bool)
+    masks[4:, 2 * CELL : 4 * CELL, 2 * CELL : 4 * CELL] = True
+    return {"features": features, "labels": np.array([0] * 4 + [1] * 4), "masks": masks}
+
+
+@pytest.fixture(scope="module")
+def results(bank: torch.Tensor, test_set: dict) -> dict:
+    return widgets.coreset_results(bank, test_set, ratios=RATIOS)
+
+
+def test_coverage_curve_equals_the_radius_of_every_prefix():
+    points = widgets.toy_point_cloud(300, seed=2)
+    order = random_coreset(len(points), 40, seed=3)
+    curve = widgets.coverage_curve(points, order, block=16)  # several blocks
+    assert curve.shape == (40,)
+    for k in (1, 7, 16, 17, 40):
+        assert curve[k - 1] == pytest.approx(coreset_radius(points, order[:k]), rel=1e-5)
+    assert (np.diff(curve) <= 1e-6).all()  # adding a point never uncovers anything
+
+
+def test_greedy_covers_the_toy_cloud_within_twice_the_optimum():
+    points = widgets.toy_point_cloud(400, seed=0)
+    order = greedy_coreset(points, 30, start="single", seed=0)
+    curve = widgets.coverage_curve(points, order)
+    # The first k+1 greedy picks are pairwise >= r_k apart (each was the farthest point when picked).
+    for k in (5, 29):
+        picks = points[order[: k + 1]]
+        pairwise = torch.cdist(picks, picks) + torch.eye(k + 1) * 1e9
+        assert pairwise.min() >= curve[k - 1] - 1e-5
+    assert curve[-1] < widgets.coverage_curve(points, random_coreset(400, 30, seed=0))[-1]
+
+
+def test_toy_point_cloud_is_deterministic_and_checks_its_size():
+    a, b = widgets.toy_point_cloud(100, seed=5), widgets.toy_point_cloud(100, seed=5)
+    assert a.shape == (100, 2) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert not torch.equal(a, widgets.toy_point_cloud(100, seed=6))
+    with pytest.raises(ValueError, match="at least 20"):
+        widgets.toy_point_cloud(10)
+
+
+def test_principal_components_find_the_main_axes_with_fixed_signs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, generator=g) * torch.tensor([10.0, 3.0, 0.1])
+    pcs = widgets.principal_components(x, 2)
+    assert pcs.shape == (500, 2)
+    centred = (x - x.mean(dim=0)).numpy()
+    assert abs(np.corrcoef(pcs[:, 0], centred[:, 0])[0, 1]) > 0.99
+    assert abs(np.corrcoef(pcs[:, 1], centred[:, 1])[0, 1]) > 0.99
+    np.testing.assert_allclose(widgets.principal_components(-x, 2), -pcs, atol=1e-4)  # axes' signs fixed by loadings
+
+
+def test_coreset_sweep_uses_the_coresets_select_coreset_returns(bank, results):
+    n = len(bank)
+    for r in RATIOS[:-1]:
+        k = int(n * r)
+        assert torch.equal(results["order"][:k], select_coreset(bank, r, seed=0))
+        assert results["by_ratio"][r]["bank_size"] == k
+        assert results["by_ratio"][r]["memory_mb"] == pytest.approx(k * bank.shape[1] * 4 / 2**20)
+    assert results["by_ratio"][1.0]["bank_size"] == n
+
+
+def test_coverage_radius_falls_with_the_ratio_and_greedy_beats_random(bank, results):
+    by_ratio = results["by_ratio"]
+    radii = [by_ratio[r]["radius"] for r in RATIOS]
+    assert all(a > b for a, b in zip(radii, radii[1:])) and radii[-1] == 0.0
+    for r in RATIOS[:-1]:
+        k = int(len(bank) * r)
+        assert by_ratio[r]["radius"] == pytest.approx(coreset_radius(bank, results["order"][:k]), rel=1e-4)
+        assert by_ratio[r]["radius"] < by_ratio[r]["radius_random"]
+
+
+def test_sweep_scores_the_test_set_like_the_full_bank(results, test_set):
+    for r in RATIOS:
+        row = results["by_ratio"][r]
+        assert row["image_auroc"] == 1.0  # the anomalous block is far from every normal patch
+        assert row["pixel_auroc"] > 0.9 and row["search_ms_per_image"] > 0
+        assert row["scores"].shape == (8,)
+    # A subsample can only raise nearest-neighbour distances (eq. 6 without eq. 7's weight < 1 factor).
+    full = results["by_ratio"][1.0]["scores"]
+    assert (results["by_ratio"][0.01]["scores"] >= (1 - 1 / 9) * full - 1e-4).all()
+
+
+def test_coreset_view_draws_labelled_panels_and_returns_the_numbers(results):
+    fig, numbers = widgets.coreset_view(results, 0.05)
+    assert isinstance(fig, Figure) and "5%" in fig.get_suptitle()
+    assert len(fig.axes) == 4
+    for ax in fig.axes:
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
+    row = results["by_ratio"][0.05]
+    assert numbers == {
+        "ratio": 0.05, "bank_size": row["bank_size"], "radius": row["radius"], "radius_random": row["radius_random"],
+        "image_auroc": row["image_auroc"], "pixel_auroc": row["pixel_auroc"], "aupro": row["aupro"],
+        "search_ms_per_image": row["search_ms_per_image"],
+    }
+    bank_ax = fig.axes[0]
+    assert len(bank_ax.collections[1].get_offsets()) == row["bank_size"]  # the coreset drawn in red
+
+
+def test_coreset_view_and_grid_reject_ratios_that_were_not_computed(results):
+    with pytest.raises(ValueError, match="ratio 0.5"):
+        widgets.coreset_view(results, 0.5)
+    with pytest.raises(ValueError, match=r"\[0.5\]"):
+        widgets.coreset_grid(results, (0.05, 0.5))
+    assert len(widgets.coreset_grid(results, (0.01, 0.2)).axes) == 2
+
+
+def test_coreset_slider_updates_the_numbers(results):
+    slider = ipywidgets.SelectionSlider(options=RATIOS, value=0.01, description="ratio")
+    widget = widgets.interactive_view(partial(widgets.coreset_view, results), ratio=slider)
+    assert widget.result["bank_size"] == results["by_ratio"][0.01]["bank_size"]
+    slider.value = 0.2
+    assert widget.result == widgets.coreset_view(results, 0.2)[1]
+
+
+def test_coreset_results_checks_ratios(bank, test_set):
+    with pytest.raises(ValueError, match="coreset ratios"):
+        widgets.coreset_results(bank, test_set, ratios=(0.1, 1.5))
+
+
+def test_ranking_changes_on_a_hand_made_case():
+    changes = widgets.ranking_changes([1, 2, 3, 4], [1, 3, 2, 4], [0, 0, 1, 1])
+    assert changes["flipped_pairs"] == 1 and changes["flipped_normal_anomalous_pairs"] == 1
+    assert changes["kendall_tau"] == pytest.approx(4 / 6)
+    assert changes["auroc_before"] == 1.0 and changes["auroc_after"] == 0.75
+    same = widgets.ranking_changes([1, 2, 3], [10, 20, 30], [0, 1, 1])
+    assert same["flipped_pairs"] == 0 and same["kendall_tau"] == 1.0
+    with pytest.raises(ValueError, match="equal length"):
+        widgets.ranking_changes([1, 2], [1, 2, 3], [0, 1])
+
+
+def test_search_tradeoff_exact_and_exhaustive_searches_find_every_neighbour(bank, test_set):
+    searches = {
+        "flat": {"index": "flat"},
+        "torch": {"backend": "torch", "index": "flat"},
+        "ivf, all cells": {"index": "ivf", "nlist": 4, "nprobe": 4},
+        "ivfpq": {"index": "ivfpq", "nlist": 4, "m": 8, "nprobe": 4},
+    }
+    rows = {row["search"]: row for row in widgets.search_tradeoff(bank, test_set, searches)}
+    for name in ("flat", "torch", "ivf, all cells"):
+        assert rows[name]["recall_at_1"] == 1.0 and rows[name]["distance_error"] < 1e-3  # float32 rounding
+        assert rows[name]["image_auroc"] == 1.0
+    assert rows["ivfpq"]["distance_error"] > 1e-2  # product quantisation approximates distances
+
+
+def test_region_overlaps_count_8_connected_regions():
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[0, 0] = mask[1, 1] = True  # diagonal neighbours: one region of 2 pixels
+    mask[4:6, 3:6] = True  # a second region of 6 pixels
+    amap = np.zeros((6, 6))
+    amap[0, 0] = 1.0
+    amap[4, 3:6] = 1.0
+    regions = widgets.region_overlaps(mask, amap, threshold=0.5)
+    assert [(r["region"], r["pixels"], r["overlap"]) for r in regions] == [(1, 2, 0.5), (2, 6, 0.5)]
+    assert widgets.region_overlaps(np.zeros((3, 3)), np.ones((3, 3)), 0.5) == []
+    with pytest.raises(ValueError, match="same shape"):
+        widgets.region_overlaps(mask, amap[:5], 0.5)
+
+
+def test_read_paper_results_parses_numbers_and_keeps_the_sources(tmp_path: Path):
+    path = tmp_path / "paper.csv"
+    path.write_text("# Source: a paper, Table 1.\n# second line\nmethod,image_auroc\nA,99.0\nB,n/a\n")
+    rows, notes = widgets.read_paper_results(path)
+    assert rows == [{"method": "A", "image_auroc": 99.0}, {"method": "B", "image_auroc": "n/a"}]
+    assert notes == "Source: a paper, Table 1.\nsecond line"
+
+
+@pytest.fixture(scope="module")
+def small_model(synthetic_root: Path):
+    """PatchCore fit on 4 training images of one synthetic category, and 4 test images."""
+    train, test = train_test_samples(synthetic_root / "disc")
+    model = PatchCore(coreset_ratio=0.1).fit(train[:4], progress=False)
+    return model, train[:4], test[:2] + test[-2:]
+
+
+def test_split_features_and_evaluate_bank_reproduce_patchcore_predict(small_model):
+    model, _, test = small_model
+    test_set = widgets.split_features(model, test)
+    assert test_set["features"].shape == (4, 28, 28, model.memory_bank.shape[1])
+    assert test_set["masks"].shape == (4, 224, 224) and test_set["masks"].dtype == bool
+    assert test_set["images"].shape == (4, 224, 224, 3) and 0 <= test_set["images"].min() <= test_set["images"].max() <= 1
+    assert test_set["labels"].tolist() == [s.label for s in test] == [0, 0, 1, 1]
+    row, _ = widgets.evaluate_bank(model.memory_bank, test_set, model.config)
+    np.testing.assert_allclose(row["scores"], model.predict(test, progress=False).scores, rtol=1e-5)
+
+
+def test_fitted_bank_is_in_greedy_pick_order(small_model):
+    # Chapter 5 takes the first k rows of a fitted bank as the k-pick coreset.
+    model, train, _ = small_model
+    full = widgets.split_features(model, train)["features"].flatten(0, 2)
+    assert torch.equal(model.memory_bank, full[select_coreset(full, 0.1, seed=0)])
+    smaller = select_coreset(full, 0.02, seed=0)
+    assert torch.equal(model.memory_bank[: len(smaller)], full[smaller])
+
+
+def test_synthetic_validation_makes_fresh_labelled_images(small_model, synthetic_root: Path):
+    model, train, _ = small_model
+    images, labels = widgets.synthetic_validation("disc", model.preprocess, n_normal=3, n_anomalous=4)
+    assert images.shape == (7, 3, 224, 224) and labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    again, _ = widgets.synthetic_validation("disc", model.preprocess, n_normal=3, n_anomalous=4)
+    assert torch.equal(images, again)
+    train_images = torch.stack([model.preprocess.image(load_image(s.path)) for s in train])
+    assert not any(torch.allclose(v, t) for v in images for t in train_images)
+    scores = model.score_batch(images)[0]
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()  # the defects are real defects
+    with pytest.raises(ValueError, match="unknown category"):
+        widgets.synthetic_validation("glass", model.preprocess)
