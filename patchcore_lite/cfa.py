@@ -89,7 +89,8 @@ PAPER_EPOCHS = 30
 
 @dataclass(frozen=True)
 class CFAConfig:
-    """All settings of CFA; defaults follow the official code except backbone and ``epochs``."""
+    """All settings of CFA; defaults follow the official code except the backbone, ``epochs`` and
+    the validation split (see the module docstring)."""
 
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
@@ -172,9 +173,9 @@ def nearest_squared(phi: torch.Tensor, bank: torch.Tensor, n: int, chunk: int = 
     """Squared Euclidean distances (N, n) of rows of ``phi`` (N, D) to their n nearest bank rows, ascending.
 
     The search uses ``|a|^2 + |c|^2 - 2 a.c`` (one matrix product, as the official code) without
-    gradients, in chunks of rows; then only the n distances found are recomputed directly, with
-    gradients: the loss's gradient is the same (only the selected distances carry one), and the
-    backward pass costs N * n * D instead of N * M * D.
+    gradients, in chunks of rows; then only the n distances found are recomputed, with gradients,
+    from the selected bank rows: the loss's gradient is the same (only the selected distances
+    carry one), and the backward pass costs N * n * D instead of N * M * D.
     """
     n = min(n, len(bank))
     bank_sq = (bank * bank).sum(dim=1)
@@ -341,6 +342,10 @@ class CFA:
         config: a ``CFAConfig``; keyword ``overrides`` replace its fields.
         weights_path: backbone weights file instead of the default source.
         device: where the backbone, descriptor and distances run.
+
+    The backbone is frozen, so ``fit`` extracts the training features once and keeps them in memory
+    for all epochs: N x h x w x D floats (30 images with EfficientNet-Lite0: 66 MB; WRN50's
+    D = 1792 needs ten times that).
 
     After ``fit``: ``memory_bank`` (M, D'), ``radius``, ``history`` (one dict per epoch: the mean
     training losses ``loss``, ``l_att``, ``l_rep`` (NaN for epoch 0, before training), r at the

@@ -16,10 +16,11 @@ PatchCore's closest predecessor. Two nearest-neighbour stages, no training:
    upsampled to the input and smoothed by a Gaussian of sigma = 4 (Sec. 4).
 
 There is no official code. The widely used port (byungjae89/SPADE-pytorch) uses
-K = 5, plain (not squared) distances, and scores each stage separately before
-averaging the upsampled maps; ``k`` and ``squared`` select those choices, the
-defaults follow the paper. Its pixel features are PatchCore's with a 1 x 1
-neighbourhood (no local aggregation) from one more, shallower stage.
+K = 5 and plain (not squared) distances, which ``k=5, squared=False`` select; it
+also searches each stage separately and averages the three upsampled maps, while
+here the stages are concatenated into one vector per pixel (one search). These
+pixel features are PatchCore's with a 1 x 1 neighbourhood (no local
+aggregation) from one more, shallower stage.
 
 Memory: SPADE keeps every training pixel feature. Per category that is
 ``N * h * w * D * 4`` bytes: for WRN50 (D = 1792, 56 x 56) and MVTec's 391
@@ -130,9 +131,10 @@ class Spade:
         pooled, pixels = self.extract(images)
         dist, neighbours = self.image_index.search(pooled, k=min(c.k, len(self.pixel_features)))
         b, h, w, d = pixels.shape
-        maps = torch.stack(
-            [self._distance(self._gallery_index(nn).search(x.reshape(-1, d), c.kappa)[0]) for x, nn in zip(pixels, neighbours)]
-        )
+        maps = torch.stack([
+            self._distance(self._gallery_index(nearest).search(x.reshape(-1, d), c.kappa)[0])
+            for x, nearest in zip(pixels, neighbours)
+        ])
         return self._distance(dist), maps.reshape(b, h, w), neighbours
 
     def _gallery_index(self, neighbours: torch.Tensor) -> NearestNeighbors:

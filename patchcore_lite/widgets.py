@@ -59,11 +59,7 @@ def principal_component_map(features: torch.Tensor) -> np.ndarray:
     which keeps the maps of related feature grids comparable.
     """
     h, w, d = features.shape
-    x = features.reshape(-1, d).double()
-    x = x - x.mean(dim=0)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    axis = vh[0] if vh[0].sum() >= 0 else -vh[0]
-    return (x @ axis).reshape(h, w).float().numpy()
+    return principal_components(features.reshape(-1, d), k=1).reshape(h, w)
 
 
 def neighbour_change(features: torch.Tensor) -> float:

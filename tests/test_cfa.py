@@ -103,6 +103,11 @@ def test_memory_bank_is_the_mean_per_position_whatever_the_number_of_images():
     assert doubled.memory_bytes == model.memory_bytes
 
 
+def test_wide_resnet_features_have_the_papers_1792_channels():
+    model = _tiny(backbone="wide_resnet50_2").fit(_images(2), progress=False)  # random weights: offline
+    assert model.memory_bank.shape == (16 * 16, 256 + 512 + 1024)
+
+
 def test_gamma_c_compresses_the_bank_deterministically():
     images = _images(4)
     banks = [_tiny(gamma_c=4, gamma_d=2).fit(images, progress=False).memory_bank for _ in range(2)]
@@ -175,15 +180,17 @@ def test_toy_attraction_empties_the_loss():
 
 def test_synthetic_category_end_to_end(synthetic_root):
     result = fit_evaluate(CFA(), synthetic_root / "disc", progress=False)
-    # measured with the defaults: image 0.99, pixel 0.98, AUPRO 0.95 (floors leave margin)
-    assert result.metrics["image_auroc"] >= 0.9
-    assert result.metrics["pixel_auroc"] >= 0.93
-    assert result.metrics["aupro"] >= 0.85
+    # measured with the defaults (3 epochs): image 0.988, pixel 0.977, AUPRO 0.949; floors with margin
+    assert result.metrics["image_auroc"] >= 0.93
+    assert result.metrics["pixel_auroc"] >= 0.95
+    assert result.metrics["aupro"] >= 0.9
 
 
 def test_reduced_hazelnut_end_to_end(mvtec_reduced):
     train, test = train_test_samples(mvtec_reduced("hazelnut"))
     model = CFA().fit(train[:20], progress=False)  # 16 for the bank and training, 4 held out
     result = evaluate(model, test, progress=False)
-    # measured: image PLACEHOLDER
-    assert result.metrics["pixel_auroc"] >= 0.9
+    # measured: image 0.94 (2 normal test images: steps of 1/16), pixel 0.990, AUPRO 0.955
+    assert result.metrics["image_auroc"] >= 0.8
+    assert result.metrics["pixel_auroc"] >= 0.96
+    assert result.metrics["aupro"] >= 0.9
