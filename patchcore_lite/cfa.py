@@ -55,8 +55,8 @@ K-means                sklearn, 3000 iterations,    same                        
 
 Note what r's start value implies: r^2 = 1e-10, so ``L_rep`` is zero until r^2 exceeds alpha
 (r > 0.32). With a learned r AdamW grows it by about ``lr`` per step while L_att is active, so
-repulsion switches on after a few hundred steps; with anomalib's fixed r it never does, and
-anomalib trains with L_att alone.
+repulsion can switch on after a few hundred steps at the earliest; with anomalib's fixed r it never
+does, and anomalib trains with L_att alone.
 
 Model selection never looks at the test set: ``val_fraction`` of the training normals are held
 out (seeded), each also gets ``val_anomalies`` cut-paste copies (Li et al., CVPR 2021: a
@@ -234,9 +234,10 @@ def hypersphere_toy(
 
     Seven fixed memory vectors (a hexagon and its centre, 0.7 apart); each point is pulled into the
     sphere of radius r around its K nearest (L_att) and pushed out of the sphere of squared radius
-    r^2 - alpha around the next J (L_rep). Here the points move freely (in CFA the descriptor's weights move them all at once),
-    by plain gradient descent on the loss summed over points (scaled by nu, so a step does not
-    depend on their number). Uses the model's own ``nearest_squared`` and ``cfa_loss``.
+    r^2 - alpha around the next J (L_rep). Here the points move freely (in CFA the descriptor's
+    weights move them all at once), by plain gradient descent on the loss summed over points
+    (nu = 1, so a step does not depend on their number). Uses the model's own ``nearest_squared``
+    and ``cfa_loss``.
     """
     generator = torch.Generator().manual_seed(seed)
     angles = torch.arange(6) * math.pi / 3
@@ -266,10 +267,10 @@ def hypersphere_view(run: ToyRun, step: int, ax: Any = None) -> tuple[Any, dict[
     ax = ax if ax is not None else Figure(figsize=(5.2, 5.6), layout="constrained").add_subplot()
     inner = math.sqrt(max(run.radius**2 - run.alpha, 0.0))
     for i, c in enumerate(run.memory.tolist()):
-        ax.add_patch(Circle(c, run.radius, fill=False, color="tab:blue", label="attraction sphere r" if i == 0 else None))
+        labels = ("attraction sphere r", "repulsion sphere sqrt(r² - α)") if i == 0 else (None, None)
+        ax.add_patch(Circle(c, run.radius, fill=False, color="tab:blue", label=labels[0]))
         if inner > 0:
-            ax.add_patch(Circle(c, inner, fill=False, ls="--", color="tab:red",
-                                label="repulsion sphere sqrt(r² - α)" if i == 0 else None))
+            ax.add_patch(Circle(c, inner, fill=False, ls="--", color="tab:red", label=labels[1]))
     now = run.path[step]
     d = nearest_squared(now, run.memory, run.k + run.j)
     pulled = (d[:, : run.k] > run.radius**2).any(dim=1)
@@ -417,7 +418,8 @@ class CFA:
 
     def _validation_set(self, data: Data, progress: bool) -> dict[str, torch.Tensor]:
         """Held-out normals and their cut-paste copies: features, labels and masks."""
-        images = torch.cat(list(image_batches(data, self.preprocess, self.config.batch_size, progress, "CFA validation")))
+        batches = image_batches(data, self.preprocess, self.config.batch_size, progress, "CFA validation")
+        images = torch.cat(list(batches))
         pasted, pasted_masks = cut_paste(images, self.config.val_anomalies, self.config.seed)
         normals = torch.zeros(len(images), *images.shape[-2:])
         return {

@@ -54,7 +54,7 @@ class PadimConfig:
     pretrained: bool = True
     resize: int | tuple[int, int] = 256
     crop: int | None = 224
-    d: int | None = 100  # random channels kept; None keeps all (EfficientNet-Lite0 has 176)
+    d: int | None = 100  # random channels kept (paper: 100 for ResNet18, 550 for WRN50); None keeps all
     eps: float = 0.01  # covariance regularisation (eq. 1)
     sigma: float = 4.0
     seed: int = 0
@@ -110,7 +110,11 @@ class Padim:
     """
 
     def __init__(
-        self, config: PadimConfig | None = None, weights_path: str | Path | None = None, device: str = "cpu", **overrides
+        self,
+        config: PadimConfig | None = None,
+        weights_path: str | Path | None = None,
+        device: str = "cpu",
+        **overrides,
     ) -> None:
         self.config = c = replace(config or PadimConfig(), **overrides)
         self.device = torch.device(device)

@@ -75,7 +75,11 @@ class Spade:
     """
 
     def __init__(
-        self, config: SpadeConfig | None = None, weights_path: str | Path | None = None, device: str = "cpu", **overrides
+        self,
+        config: SpadeConfig | None = None,
+        weights_path: str | Path | None = None,
+        device: str = "cpu",
+        **overrides,
     ) -> None:
         self.config = c = replace(config or SpadeConfig(), **overrides)
         self.device = torch.device(device)

@@ -188,9 +188,9 @@ def test_synthetic_category_end_to_end(synthetic_root):
 
 def test_reduced_hazelnut_end_to_end(mvtec_reduced):
     train, test = train_test_samples(mvtec_reduced("hazelnut"))
-    model = CFA().fit(train[:20], progress=False)  # 16 for the bank and training, 4 held out
+    model = CFA().fit(train[:12], progress=False)  # 10 for the bank and training, 2 held out
     result = evaluate(model, test, progress=False)
-    # measured: image 0.94 (2 normal test images: steps of 1/16), pixel 0.990, AUPRO 0.955
+    # measured: image 1.0 (2 normal test images: steps of 1/16), pixel 0.988, AUPRO 0.952
     assert result.metrics["image_auroc"] >= 0.8
     assert result.metrics["pixel_auroc"] >= 0.96
     assert result.metrics["aupro"] >= 0.9

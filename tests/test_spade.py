@@ -93,7 +93,8 @@ def test_unfitted_raises():
 
 
 def test_separates_synthetic_anomalies(synthetic_root):
-    # Measured 0.94 image AUROC on this category at this size (pretrained EfficientNet-Lite0).
+    # Measured on this category at this size (pretrained EfficientNet-Lite0): image AUROC 0.933,
+    # pixel AUROC 0.997. Floors leave a margin; SPADE's pooled image score is its weak point.
     result = fit_evaluate(Spade(resize=128, crop=None), synthetic_root / "tile", progress=False)
     assert image_auroc(result.labels, result.scores) > 0.85
-    assert result.metrics["pixel_auroc"] > 0.9
+    assert result.metrics["pixel_auroc"] > 0.95
