@@ -94,9 +94,10 @@ def random_coreset(n: int, n_select: int, seed: int = 0) -> Tensor:
 
 
 def coreset_radius(projected: Tensor, indices: Tensor) -> float:
-    """Coverage radius ``max_m min_{n in coreset} ||m - n||_2`` (the k-center objective).
+    """Coverage radius ``max_m min_{n in coreset} ||m - n||_2`` (the k-center objective of Algorithm 1).
 
-    float64, in chunks of at most 2^22 distances (no N x N matrix).
+    The last value of ``coverage_curve``, computed directly: float64, in chunks of at most
+    2^22 distances (no N x N matrix).
     """
     _check_features(projected)
     sel = projected[indices].double()
@@ -106,6 +107,32 @@ def coreset_radius(projected: Tensor, indices: Tensor) -> float:
     for chunk in projected.split(max(1, 2**22 // len(sel))):
         radius = max(radius, torch.cdist(chunk.double(), sel).amin(dim=1).max().item())
     return radius
+
+
+def coverage_curve(points: Tensor, order: Tensor, block: int = 256) -> np.ndarray:
+    """Coverage radius of every prefix of a pick order: ``r_k = max_m min_{first k picks c} ||m - c||``.
+
+    ``r_k`` is Algorithm 1's k-center objective for the first k picks (k = 1 .. len(order)).
+    Greedy picks are nested (the first k picks of a longer run are the k-pick run), so one
+    curve gives the radius of every coreset ratio. Works on ``block`` picks and about
+    2^22 / ``block`` points at a time, with a running minimum along the picks: never N x N.
+    In float64 for float64 points, else in float32.
+    """
+    _check_features(points)
+    order = torch.as_tensor(order, dtype=torch.long)
+    if len(order) == 0:
+        raise ValueError("the coreset is empty")
+    x = points if points.dtype == torch.float64 else points.float()
+    x = x - x.mean(dim=0)  # distances are translation invariant; centring keeps the products accurate
+    curve = torch.zeros(len(order), dtype=x.dtype)
+    for rows in x.split(max(1, 2**22 // block)):
+        nearest = torch.full((len(rows), 1), math.inf, dtype=x.dtype)  # distance to the nearest pick so far
+        for start, chunk in zip(range(0, len(order), block), order.split(block)):
+            running = torch.minimum(torch.cdist(rows, x[chunk]).cummin(dim=1).values, nearest)
+            part = curve[start : start + len(chunk)]
+            torch.maximum(part, running.amax(dim=0), out=part)
+            nearest = running[:, -1:]
+    return curve.double().numpy()
 
 
 def greedy_coreset(

@@ -41,11 +41,10 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
+from .backbone import IMAGENET_MEAN, IMAGENET_STD
 from .errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _MVTEC_LAYOUT = (
     "MVTec AD layout: <category>/train/good/*.png, <category>/test/<defect>/*.png "

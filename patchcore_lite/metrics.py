@@ -75,6 +75,19 @@ def pro_curve(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> tupl
     return _pro_curve(_rank_pixels(masks, maps), fpr_limit)
 
 
+def region_overlaps(mask: ArrayLike, anomaly_map: ArrayLike, threshold: float) -> list[dict[str, float]]:
+    """PRO's ingredients for one image at one threshold: each 8-connected defect region's size and
+    the fraction of it scoring >= ``threshold``, with the regions numbered as ``pro_curve`` numbers them."""
+    mask, anomaly_map = np.asarray(mask, bool), np.asarray(anomaly_map)
+    if mask.shape != anomaly_map.shape:
+        raise ValueError(f"mask {mask.shape} and map {anomaly_map.shape} must have the same shape")
+    ids, sizes = _label_regions(mask[None])
+    hits = np.bincount(ids, weights=(anomaly_map >= threshold).ravel(), minlength=sizes.size)
+    return [
+        {"region": r, "pixels": int(sizes[r]), "overlap": float(hits[r] / sizes[r])} for r in range(1, sizes.size)
+    ]
+
+
 def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = 0.3) -> float:
     """Area under the PRO curve up to ``fpr_limit`` (trapezoid rule) divided by ``fpr_limit``: 1 is perfect."""
     return normalised_area(*pro_curve(masks, maps, fpr_limit), fpr_limit)

@@ -219,13 +219,15 @@ class PatchCore:
         return self.index
 
     @torch.inference_mode()
+    def score_features(self, features: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) and (B, *size) anomaly maps of patch features (B, h, w, D) (eq. 6-7)."""
+        return score_features(features, self._check_fitted(), self.config, size)
+
+    @torch.inference_mode()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and anomaly maps (B, H, W) for normalised images (eq. 6-7)."""
-        index, c = self._check_fitted(), self.config
-        feats = self.extract(images)
-        dist, nearest = patch_scores(feats, index, c.k)
-        scores = image_scores(feats, dist, nearest, index, c.reweight, c.reweight_b)
-        return scores, anomaly_maps(dist, tuple(images.shape[-2:]), c.sigma)
+        self._check_fitted()
+        return self.score_features(self.extract(images), tuple(images.shape[-2:]))
 
     def predict(self, data: Data, progress: bool = True) -> Prediction:
         """Scores and maps of every image, in order."""
@@ -277,6 +279,20 @@ class PatchCore:
         model.n_train_patches = int(meta.get("n_train_patches", len(bank)))
         model._set_bank(torch.from_numpy(bank))
         return model
+
+
+def score_features(
+    features: torch.Tensor, index: NearestNeighbors, config: PatchCoreConfig, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores (B,) and (B, *size) anomaly maps of patch features (B, h, w, D) against a bank's index.
+
+    Eq. 6 (nearest-neighbour distance of every patch, its maximum per image), eq. 7 (the
+    reweighting, if ``config.reweight``) and the maps (upsampled to ``size``, blurred by
+    ``config.sigma``): what ``PatchCore.score_features`` does, for any memory bank.
+    """
+    dist, nearest = patch_scores(features, index, config.k)
+    scores = image_scores(features, dist, nearest, index, config.reweight, config.reweight_b)
+    return scores, anomaly_maps(dist, tuple(size), config.sigma)
 
 
 def _read_model_file(path: Path) -> tuple[np.ndarray, dict]:

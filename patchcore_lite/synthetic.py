@@ -14,6 +14,9 @@ sensor noise. A defect only changes the albedo inside its shape, with hard edges
 so its mask is exactly the set of changed pixels. Normal images vary in lighting,
 colour, phase, orientation and pose, so that a defect cannot be found from global
 colour statistics, only by looking at local structure.
+
+Two in-memory helpers serve the book: ``synthetic_validation`` draws fresh labelled
+images (a validation split), ``toy_point_cloud`` a 2-D stand-in for a memory bank.
 """
 
 from __future__ import annotations
@@ -28,11 +31,16 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .errors import DataError
+
+if TYPE_CHECKING:
+    from .datasets import Preprocess
 
 DEFECTS: dict[str, tuple[str, ...]] = {
     "stripes": ("hole", "scratch", "stain"),
@@ -386,6 +394,55 @@ def make_image(
     return np.ascontiguousarray(rgb.transpose(1, 2, 0)), mask
 
 
+def _generator(seed: int, index: int, *names: str) -> np.random.Generator:
+    """One generator per image, keyed by names: adding a category or an image does not change any other image."""
+    return np.random.default_rng([seed, *(zlib.crc32(name.encode()) for name in names), index])
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+def synthetic_validation(
+    category: str, preprocess: Preprocess, n_normal: int = 10, n_anomalous: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, np.ndarray]:
+    """A validation split for thresholds: fresh synthetic images of ``category``, normalised (N, 3, h, w), and labels.
+
+    The images come from generators keyed on "validation", so they are neither training nor
+    test images of the synthetic dataset; the anomalous ones cycle through the category's defects.
+    """
+    if category not in DEFECTS:
+        raise ValueError(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
+    images, labels = [], []
+    for i in range(n_normal + n_anomalous):
+        defect = None if i < n_normal else DEFECTS[category][i % len(DEFECTS[category])]
+        image, _ = make_image(category, defect, _generator(seed, i, category, "validation"))
+        images.append(preprocess.image(Image.fromarray(image)))
+        labels.append(int(defect is not None))
+    return torch.stack(images), np.array(labels)
+
+
+def toy_point_cloud(n: int = 600, seed: int = 0) -> torch.Tensor:
+    """(n, 2) float32 stand-in for a memory bank (eq. 4) to run Algorithm 1 on: common patterns and a few rare ones.
+
+    A dense blob (55%), a wider blob (25%), a thin arc (15%) and isolated points
+    (5%): the arc and the isolated points are rare but normal patterns that a
+    good coreset keeps and uniform sampling tends to miss.
+    """
+    if n < 20:
+        raise ValueError(f"need at least 20 points, got n={n}")
+    rng = np.random.default_rng(seed)
+    n_wide, n_arc, n_rare = n // 4, (15 * n) // 100, n // 20
+    n_dense = n - n_wide - n_arc - n_rare
+    angle = rng.uniform(0.1 * np.pi, 0.9 * np.pi, n_arc)
+    parts = [
+        rng.normal((0.0, 0.0), 0.35, (n_dense, 2)),
+        rng.normal((3.5, 0.5), 0.9, (n_wide, 2)),
+        np.c_[3.0 * np.cos(angle), 3.0 * np.sin(angle) + 1.5] + rng.normal(0, 0.06, (n_arc, 2)),
+        rng.uniform((-4.0, -4.0), (6.0, -2.0), (n_rare, 2)),
+    ]
+    return torch.from_numpy(np.concatenate(parts)).float()
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -415,10 +472,7 @@ def _jobs(categories: Iterable[str]) -> list[tuple[str, str, str | None, int]]:
 def _write(root: Path, job: tuple[str, str, str | None, int], seed: int, size: int) -> None:
     category, split, defect, index = job
     name = defect or "good"
-    # One generator per image, keyed by names: adding a category or an image
-    # does not change any other image.
-    key = [seed, zlib.crc32(category.encode()), zlib.crc32(split.encode()), zlib.crc32(name.encode()), index]
-    image, mask = make_image(category, defect, np.random.default_rng(key), size)
+    image, mask = make_image(category, defect, _generator(seed, index, category, split, name), size)
     folder = root / category / split / name
     Image.fromarray(image).save(folder / f"{index:03d}.png", compress_level=1)
     if defect is not None:

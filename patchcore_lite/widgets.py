@@ -10,9 +10,7 @@ at a few settings (``*_grid``). Add new callbacks as more functions in this flat
 from __future__ import annotations
 
 import csv
-import math
 import time
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,19 +19,15 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
-from PIL import Image
-from scipy import ndimage
 from scipy.stats import kendalltau
 
-from .coreset import greedy_coreset, random_coreset, random_projection
-from .datasets import ImageDataset, Preprocess, Sample, train_test_samples
+from .coreset import coverage_curve, greedy_coreset, random_coreset, random_projection
+from .datasets import ImageDataset, Sample, train_test_samples
 from .knn import NearestNeighbors
 from .metrics import evaluate as compute_metrics
 from .metrics import image_auroc
-from .model import PatchCore, PatchCoreConfig
+from .model import PatchCore, PatchCoreConfig, score_features
 from .pipeline import fit_evaluate
-from .scoring import anomaly_maps, image_scores, patch_scores
-from .synthetic import DEFECTS, make_image
 from .viz import overlay
 
 View = Callable[..., tuple[Figure, dict[str, Any]]]
@@ -53,11 +47,7 @@ def interactive_view(view: View, **sliders: Any) -> Any:
 
 
 def principal_component_map(features: torch.Tensor) -> np.ndarray:
-    """First principal component of a (h, w, D) feature grid, as an (h, w) image.
-
-    Its sign is arbitrary; it is fixed so that the component's loadings sum to a positive value,
-    which keeps the maps of related feature grids comparable.
-    """
+    """First principal component of a (h, w, D) feature grid, as an (h, w) image (``principal_components``, k = 1)."""
     h, w, d = features.shape
     return principal_components(features.reshape(-1, d), k=1).reshape(h, w)
 
@@ -152,51 +142,11 @@ def patch_size_grid(results: Mapping[int, Mapping[str, Any]], patch_sizes: Seque
 # ---- chapters 3-5: memory bank, coreset, scoring and evaluation -------------------------------
 
 
-def toy_point_cloud(n: int = 600, seed: int = 0) -> torch.Tensor:
-    """(n, 2) float32 stand-in for a memory bank: common patterns and a few rare ones.
-
-    A dense blob (55%), a wider blob (25%), a thin arc (15%) and isolated points
-    (5%): the arc and the isolated points are rare but normal patterns that a
-    good coreset keeps and uniform sampling tends to miss.
-    """
-    if n < 20:
-        raise ValueError(f"need at least 20 points, got n={n}")
-    rng = np.random.default_rng(seed)
-    n_wide, n_arc, n_rare = n // 4, (15 * n) // 100, n // 20
-    n_dense = n - n_wide - n_arc - n_rare
-    angle = rng.uniform(0.1 * np.pi, 0.9 * np.pi, n_arc)
-    parts = [
-        rng.normal((0.0, 0.0), 0.35, (n_dense, 2)),
-        rng.normal((3.5, 0.5), 0.9, (n_wide, 2)),
-        np.c_[3.0 * np.cos(angle), 3.0 * np.sin(angle) + 1.5] + rng.normal(0, 0.06, (n_arc, 2)),
-        rng.uniform((-4.0, -4.0), (6.0, -2.0), (n_rare, 2)),
-    ]
-    return torch.from_numpy(np.concatenate(parts)).float()
-
-
-def coverage_curve(points: torch.Tensor, order: torch.Tensor, block: int = 256) -> np.ndarray:
-    """Coverage radius of every prefix of a pick order: ``r_k = max_m min_{first k picks c} ||m - c||``.
-
-    ``r_k`` is Algorithm 1's k-center objective for the first k picks (k = 1 .. len(order)).
-    Greedy picks are nested (the first k picks of a longer run are the k-pick run), so one
-    curve gives the radius of every coreset ratio. Works a block of picks at a time: one
-    (N, block) distance matrix and a running minimum along the picks, never N x N.
-    """
-    x = points.float()
-    x = x - x.mean(dim=0)  # distances are translation invariant; centring keeps float32 accurate
-    nearest = torch.full((len(x), 1), math.inf)
-    radii = []
-    for chunk in order.split(block):
-        running = torch.cat([nearest, torch.cdist(x, x[chunk])], dim=1).cummin(dim=1).values[:, 1:]
-        radii.append(running.amax(dim=0))
-        nearest = running[:, -1:]
-    return torch.cat(radii).double().numpy()
-
-
 def principal_components(x: torch.Tensor, k: int = 2) -> np.ndarray:
     """Coordinates (N, k) of the rows of ``x`` (N, D) along their first k principal axes.
 
-    Each axis's sign is fixed as in ``principal_component_map`` (loadings summing to >= 0).
+    An axis's sign is arbitrary; it is fixed so that the axis's loadings sum to >= 0,
+    which keeps the results of related inputs (e.g. feature grids) comparable.
     """
     x = x.double() - x.double().mean(dim=0)
     _, _, vh = torch.linalg.svd(x, full_matrices=False)
@@ -228,15 +178,6 @@ def split_features(model: PatchCore, samples: Sequence[Sample], batch_size: int 
     }
 
 
-def score_features(
-    features: torch.Tensor, index: NearestNeighbors, config: PatchCoreConfig, size: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores (B,) and anomaly maps (B, H, W) of patch features, as ``PatchCore.score_batch`` (eq. 6-7)."""
-    dist, nearest = patch_scores(features, index, config.k)
-    scores = image_scores(features, dist, nearest, index, config.reweight, config.reweight_b)
-    return scores.numpy(), anomaly_maps(dist, size, config.sigma).numpy()
-
-
 def evaluate_bank(
     bank: torch.Tensor, test: Mapping[str, Any], config: PatchCoreConfig | None = None, **search: Any
 ) -> tuple[dict[str, Any], NearestNeighbors]:
@@ -253,6 +194,7 @@ def evaluate_bank(
     built = time.perf_counter()
     scores, maps = score_features(test["features"], index, config, test["masks"].shape[1:])
     seconds = time.perf_counter() - built
+    scores, maps = scores.numpy(), maps.numpy()
     row = {
         "bank_size": len(bank),
         "memory_mb": bank.numel() * bank.element_size() / 2**20,
@@ -433,40 +375,6 @@ def search_tradeoff(
             **{m: result[m] for m in _METRICS if m in result},
         })
     return rows
-
-
-def region_overlaps(mask: ArrayLike, anomaly_map: ArrayLike, threshold: float) -> list[dict[str, float]]:
-    """PRO's ingredients for one image at one threshold: each 8-connected defect region's size and
-    the fraction of it scoring >= ``threshold`` (as ``metrics.pro_curve`` counts them)."""
-    mask, anomaly_map = np.asarray(mask, bool), np.asarray(anomaly_map)
-    if mask.shape != anomaly_map.shape:
-        raise ValueError(f"mask {mask.shape} and map {anomaly_map.shape} must have the same shape")
-    regions, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    hit = anomaly_map >= threshold
-    return [
-        {"region": r, "pixels": int((regions == r).sum()), "overlap": float(hit[regions == r].mean())}
-        for r in range(1, n + 1)
-    ]
-
-
-def synthetic_validation(
-    category: str, preprocess: Preprocess, n_normal: int = 10, n_anomalous: int = 10, seed: int = 0
-) -> tuple[torch.Tensor, np.ndarray]:
-    """A validation split for thresholds: fresh synthetic images of ``category``, normalised (N, 3, h, w), and labels.
-
-    The images come from generators keyed on "validation", so they are neither training nor
-    test images of the synthetic dataset; the anomalous ones cycle through the category's defects.
-    """
-    if category not in DEFECTS:
-        raise ValueError(f"unknown category {category!r}; choose from {', '.join(DEFECTS)}")
-    images, labels = [], []
-    for i in range(n_normal + n_anomalous):
-        defect = None if i < n_normal else DEFECTS[category][i % len(DEFECTS[category])]
-        rng = np.random.default_rng([seed, zlib.crc32(category.encode()), zlib.crc32(b"validation"), i])
-        image, _ = make_image(category, defect, rng)
-        images.append(preprocess.image(Image.fromarray(image)))
-        labels.append(int(defect is not None))
-    return torch.stack(images), np.array(labels)
 
 
 def read_paper_results(path: str | Path) -> tuple[list[dict[str, Any]], str]:

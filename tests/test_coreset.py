@@ -10,12 +10,14 @@ import torch
 from patchcore_lite import coreset as cs
 from patchcore_lite.coreset import (
     coreset_radius,
+    coverage_curve,
     greedy_coreset,
     jl_dimension,
     random_coreset,
     random_projection,
     select_coreset,
 )
+from patchcore_lite.synthetic import toy_point_cloud
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -127,6 +129,32 @@ def test_coreset_radius_brute_force():
     sel = torch.tensor([0, 7, 9])
     assert coreset_radius(x, sel) == pytest.approx(torch.cdist(x.double(), x[sel].double()).amin(1).max().item())
 
+
+
+def test_coverage_curve_equals_the_radius_of_every_prefix():
+    points = toy_point_cloud(300, seed=2)
+    order = random_coreset(len(points), 40, seed=3)
+    curve = coverage_curve(points, order, block=16)  # several blocks
+    assert curve.shape == (40,)
+    for k in (1, 7, 16, 17, 40):
+        assert curve[k - 1] == pytest.approx(coreset_radius(points, order[:k]), rel=1e-5)
+    assert (np.diff(curve) <= 1e-6).all()  # adding a point never uncovers anything
+    # Point chunks of 2^22 / block rows: with block=2^21 each chunk holds two points.
+    np.testing.assert_allclose(coverage_curve(points, order, block=2**21), curve, rtol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        coverage_curve(points, torch.tensor([], dtype=torch.long))
+
+
+def test_greedy_covers_the_toy_cloud_within_twice_the_optimum():
+    points = toy_point_cloud(400, seed=0)
+    order = greedy_coreset(points, 30, start="single", seed=0)
+    curve = coverage_curve(points, order)
+    # The first k+1 greedy picks are pairwise >= r_k apart (each was the farthest point when picked).
+    for k in (5, 29):
+        picks = points[order[: k + 1]]
+        pairwise = torch.cdist(picks, picks) + torch.eye(k + 1) * 1e9
+        assert pairwise.min() >= curve[k - 1] - 1e-5
+    assert curve[-1] < coverage_curve(points, random_coreset(400, 30, seed=0))[-1]
 
 # ---- projection -----------------------------------------------------------------
 

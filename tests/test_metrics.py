@@ -17,6 +17,7 @@ from patchcore_lite.metrics import (
     image_auroc,
     pixel_auroc,
     pro_curve,
+    region_overlaps,
     write_results,
 )
 
@@ -218,6 +219,29 @@ def test_aupro_needs_regions_and_a_valid_limit():
     with pytest.raises(ValueError, match="fpr_limit"):
         aupro(masks, maps, fpr_limit=0.0)
 
+
+
+def test_region_overlaps_count_8_connected_regions():
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[0, 0] = mask[1, 1] = True  # diagonal neighbours: one region of 2 pixels
+    mask[4:6, 3:6] = True  # a second region of 6 pixels
+    amap = np.zeros((6, 6))
+    amap[0, 0] = 1.0
+    amap[4, 3:6] = 1.0
+    regions = region_overlaps(mask, amap, threshold=0.5)
+    assert [(r["region"], r["pixels"], r["overlap"]) for r in regions] == [(1, 2, 0.5), (2, 6, 0.5)]
+    assert region_overlaps(np.zeros((3, 3)), np.ones((3, 3)), 0.5) == []
+    with pytest.raises(ValueError, match="same shape"):
+        region_overlaps(mask, amap[:5], 0.5)
+
+
+def test_region_overlaps_average_to_the_pro_curve():
+    masks, maps = two_regions()
+    _, pro = pro_curve(masks, maps, fpr_limit=1.0)  # thresholds 3, 2, 1.5, 1
+    for t, expected in zip((3.0, 2.0, 1.5, 1.0), pro[1:]):
+        regions = region_overlaps(masks[0], maps[0], t)
+        assert [r["pixels"] for r in regions] == [4, 16]
+        assert np.mean([r["overlap"] for r in regions]) == expected
 
 # evaluate and tables
 

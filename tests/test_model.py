@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.datasets import ImageDataset, train_test_samples
 from patchcore_lite.errors import DataError, ModelFileError
+from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.metrics import image_auroc
-from patchcore_lite.model import PatchCore, PatchCoreConfig
+from patchcore_lite.model import PatchCore, PatchCoreConfig, score_features
 from patchcore_lite.pipeline import fit_evaluate
 
 
@@ -42,6 +43,21 @@ def test_training_images_score_lower_than_anomalies(fitted):
     normal = model.predict(train[:4], progress=False).scores
     anomalous = model.predict([s for s in test if s.label == 1][:4], progress=False).scores
     assert normal.max() < anomalous.min()
+
+
+def test_score_features_scores_patch_features_against_any_bank(fitted):
+    model, _, test = fitted
+    images = torch.stack([item["image"] for item in ImageDataset(test[-2:], model.preprocess)])
+    features = model.extract(images)
+    scores, maps = model.score_batch(images)
+    same_scores, small_maps = model.score_features(features, (56, 56))
+    torch.testing.assert_close(same_scores, scores)
+    assert small_maps.shape == (2, 56, 56)
+    # Without a PatchCore: the same eq. 6-7 and maps against an index built on its own.
+    index = NearestNeighbors(model.memory_bank.clone(), model.config.knn_backend, model.config.knn_index)
+    other_scores, other_maps = score_features(features, index, model.config, (224, 224))
+    torch.testing.assert_close(other_scores, scores)
+    torch.testing.assert_close(other_maps, maps)
 
 
 def test_predict_is_deterministic(fitted, synthetic_root: Path):
@@ -109,6 +125,8 @@ def test_unfitted_model_and_bad_settings():
     model = PatchCore(pretrained=False)
     with pytest.raises(RuntimeError, match="fit"):
         model.predict(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(RuntimeError, match="fit"):
+        model.score_features(torch.zeros(1, 2, 2, 8), (16, 16))
     with pytest.raises(ValueError, match="empty"):
         model.fit([])
 

@@ -1,4 +1,4 @@
-"""Tests for patchcore_lite.synthetic: determinism, exact masks, layout, regeneration."""
+"""Tests for patchcore_lite.synthetic: determinism, exact masks, layout, regeneration, in-memory helpers."""
 
 from __future__ import annotations
 
@@ -8,12 +8,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from patchcore_lite import synthetic
-from patchcore_lite.datasets import MVTEC_PREPROCESS, load_mask, mvtec_samples, validate_samples
+from patchcore_lite.datasets import (
+    MVTEC_PREPROCESS,
+    load_image,
+    load_mask,
+    mvtec_samples,
+    train_test_samples,
+    validate_samples,
+)
 from patchcore_lite.errors import DataError
-from patchcore_lite.synthetic import CATEGORIES, DEFECTS, ensure_synthetic, generate, make_image
+from patchcore_lite.model import PatchCore
+from patchcore_lite.synthetic import (
+    CATEGORIES,
+    DEFECTS,
+    ensure_synthetic,
+    generate,
+    make_image,
+    synthetic_validation,
+    toy_point_cloud,
+)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -140,3 +157,26 @@ def test_generate_refuses_to_replace_other_data(tmp_path):
     with pytest.raises(DataError, match="refusing to replace"):
         generate(tmp_path / "photos", categories=("tile",))
     assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_synthetic_validation_makes_fresh_labelled_images(synthetic_root):
+    train = train_test_samples(synthetic_root / "disc")[0][:4]
+    model = PatchCore(coreset_ratio=0.1).fit(train, progress=False)
+    images, labels = synthetic_validation("disc", model.preprocess, n_normal=3, n_anomalous=4)
+    assert images.shape == (7, 3, 224, 224) and labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    again, _ = synthetic_validation("disc", model.preprocess, n_normal=3, n_anomalous=4)
+    assert torch.equal(images, again)
+    train_images = torch.stack([model.preprocess.image(load_image(s.path)) for s in train])
+    assert not any(torch.allclose(v, t) for v in images for t in train_images)
+    scores = model.score_batch(images)[0]
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()  # the defects are real defects
+    with pytest.raises(ValueError, match="unknown category"):
+        synthetic_validation("glass", model.preprocess)
+
+
+def test_toy_point_cloud_is_deterministic_and_checks_its_size():
+    a, b = toy_point_cloud(100, seed=5), toy_point_cloud(100, seed=5)
+    assert a.shape == (100, 2) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert not torch.equal(a, toy_point_cloud(100, seed=6))
+    with pytest.raises(ValueError, match="at least 20"):
+        toy_point_cloud(10)

@@ -1,4 +1,4 @@
-"""Chapters 3-5's helpers and widget callbacks: coreset sweep, coverage, scoring, search trade-off, PRO regions."""
+"""Chapters 3-5's helpers and widget callbacks: coreset sweep, coverage, scoring, search trade-off."""
 
 from functools import partial
 from pathlib import Path
@@ -10,8 +10,8 @@ import torch
 from matplotlib.figure import Figure
 
 from patchcore_lite import widgets
-from patchcore_lite.coreset import coreset_radius, greedy_coreset, random_coreset, select_coreset
-from patchcore_lite.datasets import load_image, train_test_samples
+from patchcore_lite.coreset import coreset_radius, select_coreset
+from patchcore_lite.datasets import train_test_samples
 from patchcore_lite.model import PatchCore
 
 RATIOS = (0.01, 0.05, 0.2, 1.0)
@@ -46,36 +46,6 @@ def test_set(bank: torch.Tensor) -> dict:
 @pytest.fixture(scope="module")
 def results(bank: torch.Tensor, test_set: dict) -> dict:
     return widgets.coreset_results(bank, test_set, ratios=RATIOS)
-
-
-def test_coverage_curve_equals_the_radius_of_every_prefix():
-    points = widgets.toy_point_cloud(300, seed=2)
-    order = random_coreset(len(points), 40, seed=3)
-    curve = widgets.coverage_curve(points, order, block=16)  # several blocks
-    assert curve.shape == (40,)
-    for k in (1, 7, 16, 17, 40):
-        assert curve[k - 1] == pytest.approx(coreset_radius(points, order[:k]), rel=1e-5)
-    assert (np.diff(curve) <= 1e-6).all()  # adding a point never uncovers anything
-
-
-def test_greedy_covers_the_toy_cloud_within_twice_the_optimum():
-    points = widgets.toy_point_cloud(400, seed=0)
-    order = greedy_coreset(points, 30, start="single", seed=0)
-    curve = widgets.coverage_curve(points, order)
-    # The first k+1 greedy picks are pairwise >= r_k apart (each was the farthest point when picked).
-    for k in (5, 29):
-        picks = points[order[: k + 1]]
-        pairwise = torch.cdist(picks, picks) + torch.eye(k + 1) * 1e9
-        assert pairwise.min() >= curve[k - 1] - 1e-5
-    assert curve[-1] < widgets.coverage_curve(points, random_coreset(400, 30, seed=0))[-1]
-
-
-def test_toy_point_cloud_is_deterministic_and_checks_its_size():
-    a, b = widgets.toy_point_cloud(100, seed=5), widgets.toy_point_cloud(100, seed=5)
-    assert a.shape == (100, 2) and a.dtype == torch.float32 and torch.equal(a, b)
-    assert not torch.equal(a, widgets.toy_point_cloud(100, seed=6))
-    with pytest.raises(ValueError, match="at least 20"):
-        widgets.toy_point_cloud(10)
 
 
 def test_principal_components_find_the_main_axes_with_fixed_signs():
@@ -182,20 +152,6 @@ def test_search_tradeoff_exact_and_exhaustive_searches_find_every_neighbour(bank
     assert rows["ivfpq"]["distance_error"] > 1e-2  # product quantisation approximates distances
 
 
-def test_region_overlaps_count_8_connected_regions():
-    mask = np.zeros((6, 6), dtype=bool)
-    mask[0, 0] = mask[1, 1] = True  # diagonal neighbours: one region of 2 pixels
-    mask[4:6, 3:6] = True  # a second region of 6 pixels
-    amap = np.zeros((6, 6))
-    amap[0, 0] = 1.0
-    amap[4, 3:6] = 1.0
-    regions = widgets.region_overlaps(mask, amap, threshold=0.5)
-    assert [(r["region"], r["pixels"], r["overlap"]) for r in regions] == [(1, 2, 0.5), (2, 6, 0.5)]
-    assert widgets.region_overlaps(np.zeros((3, 3)), np.ones((3, 3)), 0.5) == []
-    with pytest.raises(ValueError, match="same shape"):
-        widgets.region_overlaps(mask, amap[:5], 0.5)
-
-
 def test_read_paper_results_parses_numbers_and_keeps_the_sources(tmp_path: Path):
     path = tmp_path / "paper.csv"
     path.write_text("# Source: a paper, Table 1.\n# second line\nmethod,image_auroc\nA,99.0\nB,n/a\n")
@@ -230,17 +186,3 @@ def test_fitted_bank_is_in_greedy_pick_order(small_model):
     assert torch.equal(model.memory_bank, full[select_coreset(full, 0.1, seed=0)])
     smaller = select_coreset(full, 0.02, seed=0)
     assert torch.equal(model.memory_bank[: len(smaller)], full[smaller])
-
-
-def test_synthetic_validation_makes_fresh_labelled_images(small_model, synthetic_root: Path):
-    model, train, _ = small_model
-    images, labels = widgets.synthetic_validation("disc", model.preprocess, n_normal=3, n_anomalous=4)
-    assert images.shape == (7, 3, 224, 224) and labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
-    again, _ = widgets.synthetic_validation("disc", model.preprocess, n_normal=3, n_anomalous=4)
-    assert torch.equal(images, again)
-    train_images = torch.stack([model.preprocess.image(load_image(s.path)) for s in train])
-    assert not any(torch.allclose(v, t) for v in images for t in train_images)
-    scores = model.score_batch(images)[0]
-    assert scores[labels == 1].mean() > scores[labels == 0].mean()  # the defects are real defects
-    with pytest.raises(ValueError, match="unknown category"):
-        widgets.synthetic_validation("glass", model.preprocess)
