@@ -1,15 +1,16 @@
 """The book's interactive figures: plain functions that return a Figure and the numbers it shows.
 
 A chapter computes results for every slider position once (``*_results``), then a slider only
-redraws (``*_view``), so it answers instantly. ``interactive_view`` wraps any view in an
-``ipywidgets.interactive`` whose ``.result`` holds the numbers, so a cell or a test can move the
-slider and check them. A static page cannot recompute: chapters also draw each widget's figure
-at a few settings (``*_grid``). Add new callbacks as more functions in this flat list.
+redraws (``*_view``), so it answers instantly. ``interactive_view`` puts sliders above any view's
+figure; its ``.result`` holds the numbers, so a cell or a test can move a slider and check them.
+A static page cannot recompute: chapters also draw each widget's figure at a few settings
+(``*_grid``). Add new callbacks as more functions in this flat list.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,16 +35,29 @@ View = Callable[..., tuple[Figure, dict[str, Any]]]
 
 
 def interactive_view(view: View, **sliders: Any) -> Any:
-    """An ``ipywidgets.interactive`` showing ``view(**slider values)``'s figure; ``.result`` = its numbers."""
+    """Sliders above the figure of ``view(**slider values)``; ``.result`` holds the figure's numbers.
+
+    The figure is an ``ipywidgets.Image`` (PNG bytes), redrawn when a slider moves. Not
+    ``ipywidgets.interactive``: its Output widget made headless execution (nbclient, so the
+    book build and nbval) stall for the whole cell timeout after the cell, about one run in
+    two (measured: 60 s with a 60 s timeout). An Image's bytes are also saved with the page,
+    so the static site shows the figure at the slider's starting value.
+    """
     import ipywidgets
-    from IPython.display import display
 
-    def show(**values: Any) -> dict[str, Any]:
-        figure, numbers = view(**values)
-        display(figure)
-        return numbers
+    image = ipywidgets.Image(format="png")
+    box = ipywidgets.VBox([*sliders.values(), image])
 
-    return ipywidgets.interactive(show, **sliders)
+    def redraw(_: Any = None) -> None:
+        figure, box.result = view(**{name: slider.value for name, slider in sliders.items()})
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        image.value = buffer.getvalue()
+
+    for slider in sliders.values():
+        slider.observe(redraw, names="value")
+    redraw()
+    return box
 
 
 def principal_component_map(features: torch.Tensor) -> np.ndarray:
