@@ -1,6 +1,6 @@
 """Run several detectors on the same data and backbone and tabulate accuracy and cost.
 
-    rows = compare("data/synthetic/tile")                 # SPADE, PaDiM, PatchCore 1/10/25 %
+    rows = compare("data/synthetic/tile")                 # SPADE, PaDiM, PatchCore 1/10/25 %, CFA
     rows = compare(root, methods=["PaDiM", "PatchCore-10%"], resize=128, crop=None)
     print(format_table(rows))
 
@@ -9,7 +9,7 @@ same keyword settings (``backbone``, ``pretrained``, ``seed``, ``resize``,
 ``crop``, ``device``, ...) and return an object with the pipeline's Detector
 protocol plus ``memory_bytes``. Adding a method is one entry::
 
-    DETECTORS["CFA"] = CFA
+    DETECTORS["PaDiM-d20"] = partial(Padim, d=20)
 
 Every detector is fit and evaluated by ``pipeline.fit_evaluate``: the same
 train/test split, preprocessing and metrics for all.
@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .cfa import CFA
 from .model import PatchCore
 from .padim import Padim
 from .pipeline import Result, fit_evaluate
@@ -37,6 +38,7 @@ DETECTORS: dict[str, Factory] = {
     "PatchCore-1%": partial(PatchCore, coreset_ratio=0.01),
     "PatchCore-10%": partial(PatchCore, coreset_ratio=0.1),
     "PatchCore-25%": partial(PatchCore, coreset_ratio=0.25),
+    "CFA": CFA,  # the fast path's 3 epochs, model selection on held-out normals (see cfa.py)
 }
 
 COLUMNS = ("name", "category", "image_auroc", "pixel_auroc", "aupro", "fit_s", "infer_ms_per_image", "memory_mb")

@@ -10,7 +10,7 @@ from patchcore_lite.padim import Padim
 
 
 def test_tiny_run_gives_complete_rows(synthetic_root):
-    # 64 x 64 inputs keep all five methods to a few seconds.
+    # 64 x 64 inputs keep all six methods to a few seconds.
     rows = compare(synthetic_root / "disc", progress=False, resize=64, crop=None)
     assert [r["name"] for r in rows] == list(DETECTORS)
     for row in rows:
