@@ -158,7 +158,7 @@ def plot_bar(
         ax.bar(x + (j - (len(metrics) - 1) / 2) * width, [float(row[key]) for row in rows], width, label=key)
     ax.set_xticks(x, [str(row[label_key]) for row in rows], rotation=30, ha="right")
     ax.set(xlabel=label_key, ylabel="value", title=title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars: inside it hides the last group
     return ax.figure
 
 
