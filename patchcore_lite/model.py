@@ -226,8 +226,8 @@ class PatchCore:
     @torch.inference_mode()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and anomaly maps (B, H, W) for normalised images (eq. 6-7)."""
-        self._check_fitted()
-        return self.score_features(self.extract(images), tuple(images.shape[-2:]))
+        index = self._check_fitted()  # before the backbone runs
+        return score_features(self.extract(images), index, self.config, tuple(images.shape[-2:]))
 
     def predict(self, data: Data, progress: bool = True) -> Prediction:
         """Scores and maps of every image, in order."""
