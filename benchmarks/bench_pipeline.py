@@ -1,11 +1,16 @@
-"""PatchCore's costs on one dataset and backbone: features, coreset, inference, memory.
+"""PatchCore's costs end to end: fit (features, coreset, memory) and inference per search, stage by stage.
 
     python benchmarks/bench_pipeline.py                                   # a synthetic category
-    python benchmarks/bench_pipeline.py --data ../shared/data/magnetic_tile
+    python benchmarks/bench_pipeline.py --data ../shared/data/magnetic_tile --train-images 209
     python benchmarks/bench_pipeline.py --data path/to/bottle --backbone wide_resnet50_2
 
-Prints feature-extraction images/s, coreset seconds and ms per pick, inference
-images/s (features + search + maps, end to end), and the process's peak memory.
+Fit: feature extraction in images/s, with batch norms folded (default) and, in the
+same run, unfolded (the straightforward network); coreset seconds and ms per pick;
+peak RSS after the fit. 209 training images give MVTec bottle's bank, 163,856
+patches (10% = 16,385). Inference, per search: milliseconds per image for each stage
+(backbone, patch features, search, image scores with eq. 7, maps), images/s from
+normalised tensors to maps ("end to end", the issue's measure), and images/s from
+image files (decoding and resizing included). Medians of ``--repeat`` runs.
 A measurement, not a test: figures depend on the machine and what else runs on it.
 """
 
@@ -13,55 +18,96 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import time
 from pathlib import Path
 
 import torch
 
-from patchcore_lite.datasets import MTD_PREPROCESS, MVTEC_PREPROCESS, dataset_kind, train_test_samples
-from patchcore_lite.model import PatchCore
+from common import dataset_model, dataset_split, median_seconds, peak_rss_mib
+from patchcore_lite.backbone import Backbone
+from patchcore_lite.model import PatchCore, image_batches
+from patchcore_lite.patches import patch_features
+from patchcore_lite.scoring import anomaly_maps, image_scores, patch_scores
 from patchcore_lite.synthetic import ensure_synthetic
 
+SEARCHES = [("faiss", "flat", 8), ("torch", "flat", 8), ("faiss", "ivf", 8), ("faiss", "ivf", 16)]
+STAGES = ("backbone", "patches", "search", "image score", "maps")
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+def features_per_second(model: PatchCore, batches: list[torch.Tensor], fold: bool, repeat: int) -> float:
+    c = model.config
+    backbone = model.backbone if fold else Backbone(c.backbone, c.layers, c.pretrained, seed=c.seed, fold=False)
+    with torch.inference_mode():
+        seconds = median_seconds(lambda: [backbone(b) for b in batches], repeat)
+    return sum(len(b) for b in batches) / seconds
+
+
+def stage_times(model: PatchCore, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Seconds spent in each inference stage over all batches (one pass)."""
+    c, index, times = model.config, model.index, dict.fromkeys(STAGES, 0.0)
+
+    def timed(stage: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        times[stage] += time.perf_counter() - start
+        return out
+
+    with torch.inference_mode():
+        for images in batches:
+            maps = timed("backbone", model.backbone, images)
+            feats = timed("patches", patch_features, maps, c.patch_size, c.patch_stride, c.feature_mode,
+                          c.embed_dim, c.target_dim)
+            dist, nearest = timed("search", patch_scores, feats, index, c.k)
+            timed("image score", image_scores, feats, dist, nearest, index, c.reweight, c.reweight_b)
+            timed("maps", anomaly_maps, dist, tuple(images.shape[-2:]), c.sigma)
+    return times
+
+
+def median_stages(model: PatchCore, batches: list[torch.Tensor], repeat: int) -> dict[str, float]:
+    runs = [stage_times(model, batches) for _ in range(repeat + 1)][1:]  # the first run warms up
+    totals = [sum(r.values()) for r in runs]
+    return runs[totals.index(sorted(totals)[len(totals) // 2])]  # the run with the median total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="MVTec-layout category or MTD (default: synthetic 'disc')")
+    parser.add_argument("--train-images", type=int, help="fit on the first N training images (default: all)")
+    parser.add_argument("--test-images", type=int, default=64, help="seeded sample of test images to time")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", type=Path, help="backbone weights file")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
-    parser.add_argument("--knn", choices=["faiss", "torch"], default="faiss")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     root = args.data or ensure_synthetic() / "disc"
-    base = MTD_PREPROCESS if dataset_kind(root) == "mtd" else MVTEC_PREPROCESS
-    train, test = train_test_samples(root)
-    model = PatchCore(
-        backbone=args.backbone, coreset_ratio=args.coreset_ratio, knn_backend=args.knn,
-        batch_size=args.batch_size, resize=base.resize, crop=base.crop, weights_path=args.weights,
-    )
+    train, test = dataset_split(root, args.train_images, args.test_images)
+    model = dataset_model(root, backbone=args.backbone, coreset_ratio=args.coreset_ratio,
+                          batch_size=args.batch_size, weights_path=args.weights)
     model.fit(train)
-    t = model.fit_timings
-    start = time.perf_counter()
-    model.predict(test)
-    infer_s = time.perf_counter() - start
+    fit_rss, t = peak_rss_mib(), model.fit_timings
+    batches = list(image_batches(test, model.preprocess, args.batch_size))
 
-    print(f"\nPatchCore on {root} ({len(train)} train, {len(test)} test images)")
-    print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
-    print(f"backbone {args.backbone}, layers {model.config.layers}, feature dim {model.memory_bank.shape[1]}, "
-          f"batch {args.batch_size}, search {args.knn}")
-    print(f"feature extraction : {len(train) / t['features_s']:8.1f} images/s ({t['features_s']:.1f} s)")
-    print(f"coreset            : {t['coreset_s']:8.1f} s for {t['coreset_picks']} picks of "
-          f"{model.n_train_patches} patches = {1000 * t['coreset_s'] / t['coreset_picks']:.2f} ms/pick")
-    print(f"inference          : {len(test) / infer_s:8.1f} images/s ({infer_s:.1f} s, features + search + maps)")
-    print(f"memory bank        : {model.memory_bytes / 2**20:8.1f} MiB")
-    print(f"peak memory (RSS)  : {peak_rss_mib():8.0f} MiB")
+    print(f"\nPatchCore on {root}: {len(train)} training images, {len(test)} test images timed")
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; backbone {args.backbone}, layers {model.config.layers}, "
+          f"batch {args.batch_size}, medians of {args.repeat} runs")
+    folded = features_per_second(model, batches, True, args.repeat)
+    plain = features_per_second(model, batches, False, args.repeat)
+    print(f"features  : {folded:6.1f} images/s folded batch norms, {plain:6.1f} unfolded ({folded / plain:.2f}x)")
+    print(f"fit       : features {t['features_s']:.1f} s, coreset {t['coreset_s']:.1f} s for {t['coreset_picks']} "
+          f"picks of {model.n_train_patches} patches ({1e3 * t['coreset_s'] / t['coreset_picks']:.2f} ms/pick), "
+          f"peak RSS {fit_rss:.0f} MiB")
+    print(f"bank      : {tuple(model.memory_bank.shape)}, {model.memory_bytes / 2**20:.1f} MiB\n")
+    print(f"{'search':20s}" + "".join(f"{s:>12s}" for s in STAGES) + f"{'tensors->maps':>15s}{'files->maps':>13s}")
+    for backend, index, nprobe in SEARCHES:
+        model.set_search(backend, index, nprobe)
+        stages = median_stages(model, batches, args.repeat)
+        from_files = median_seconds(lambda: model.predict(test, progress=False), args.repeat)
+        name = f"{backend} {index}" + (f" nprobe {nprobe}" if index != "flat" else "")
+        print(f"{name:20s}" + "".join(f"{1e3 * stages[s] / len(test):9.1f} ms" for s in STAGES)
+              + f"{len(test) / sum(stages.values()):9.1f} img/s{len(test) / from_files:7.1f} img/s")
+    print(f"\npeak RSS  : {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

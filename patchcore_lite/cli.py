@@ -61,6 +61,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-reweight", action="store_true", help="image score = max patch distance (official code) "
                    "instead of the paper's eq. 7 reweighting")
     g.add_argument("--knn", choices=["faiss", "torch"], default=d.knn_backend, help="search backend (default: %(default)s)")
+    g.add_argument("--knn-index", choices=["flat", "ivf", "ivfpq"], default=d.knn_index,
+                   help="flat = exact; ivf, ivfpq = approximate and faster, faiss only (default: %(default)s)")
+    g.add_argument("--nprobe", type=int, default=d.knn_nprobe,
+                   help="inverted lists searched per query by ivf/ivfpq (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes coreset and data split (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)")
 
@@ -73,7 +77,7 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
         resize=args.resize or base.resize, crop=args.crop if args.crop is not None else base.crop,
         patch_size=args.patch_size, feature_mode=args.feature_mode, coreset_ratio=args.coreset_ratio,
         coreset_method=args.coreset_method, reweight=not args.no_reweight, knn_backend=args.knn,
-        seed=args.seed, batch_size=args.batch_size,
+        knn_index=args.knn_index, knn_nprobe=args.nprobe, seed=args.seed, batch_size=args.batch_size,
     )
 
 

@@ -23,7 +23,13 @@ k                 1                    paper eq. 6, all official runs
 reweight, b       True, 9              paper eq. 7, b as anomalib (official: off)
 sigma             4                    paper Sec. 3.3 / official
 knn               faiss flat           official (exact L2)
+knn_nprobe        8                    only for ``knn_index="ivf"``/``"ivfpq"``
 ================  ===================  =============================================
+
+Search: exact search costs ``2 N M D`` flops per image (N test patches, M bank
+vectors), so at a bottle-size bank it takes most of the inference time on a CPU.
+``knn_index="ivf"`` (approximate, faiss inverted lists) is about 4x faster;
+``benchmarks/bench_knn.py --dataset`` measures what it costs in accuracy.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from .backbone import Backbone
 from .coreset import select_coreset
 from .datasets import ImageDataset, Preprocess, Sample, validate_samples
 from .errors import ModelFileError
-from .knn import NearestNeighbors
+from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
 from .scoring import anomaly_maps, image_scores, patch_scores
 
@@ -77,6 +83,7 @@ class PatchCoreConfig:
     sigma: float = 4.0
     knn_backend: str = "faiss"
     knn_index: str = "flat"
+    knn_nprobe: int = 8
     seed: int = 0
     batch_size: int = 8
 
@@ -85,8 +92,9 @@ class PatchCoreConfig:
             raise ValueError(f"feature_mode must be one of {MODES}, got {self.feature_mode!r}")
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.k < 1 or self.reweight_b < 1 or self.batch_size < 1:
-            raise ValueError("k, reweight_b and batch_size must be >= 1")
+        if self.k < 1 or self.reweight_b < 1 or self.batch_size < 1 or self.knn_nprobe < 1:
+            raise ValueError("k, reweight_b, batch_size and knn_nprobe must be >= 1")
+        check_search(self.knn_backend, self.knn_index)  # before a fit, not after it
 
     @classmethod
     def from_dict(cls, values: dict) -> PatchCoreConfig:
@@ -209,8 +217,16 @@ class PatchCore:
         return 0 if self.memory_bank is None else self.memory_bank.numel() * self.memory_bank.element_size()
 
     def _set_bank(self, bank: torch.Tensor) -> None:
+        c = self.config
         self.memory_bank = bank
-        self.index = NearestNeighbors(bank, self.config.knn_backend, self.config.knn_index, seed=self.config.seed)
+        self.index = NearestNeighbors(bank, c.knn_backend, c.knn_index, nprobe=c.knn_nprobe, seed=c.seed)
+
+    def set_search(self, backend: str = "faiss", index: str = "flat", nprobe: int = 8) -> PatchCore:
+        """Search the same memory bank another way (no refit), e.g. ``set_search(index="ivf")``."""
+        self.config = replace(self.config, knn_backend=backend, knn_index=index, knn_nprobe=nprobe)
+        if self.memory_bank is not None:
+            self._set_bank(self.memory_bank)
+        return self
 
     # ---- predict ----------------------------------------------------------------
     def _check_fitted(self) -> NearestNeighbors:

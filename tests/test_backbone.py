@@ -53,15 +53,37 @@ def test_unknown_names_are_explained():
         Backbone("resnet18", layers=("layer9",), pretrained=False)
 
 
-def test_weights_path_round_trip(tmp_path: Path):
+def _resnet_stages(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """layer2 and layer3 of a torchvision ResNet, run module by module (no folding)."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    l2 = net.layer2(net.layer1(x))
+    return [l2, net.layer3(l2)]
+
+
+def test_weights_path_loads_the_file_and_folding_keeps_the_function(tmp_path: Path):
     torch.manual_seed(3)
-    full = __import__("torchvision").models.resnet18(weights=None)
+    full = __import__("torchvision").models.resnet18(weights=None).eval()
+    for bn in full.modules():  # non-trivial statistics, so folding has something to fold
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-1, 1)
     path = tmp_path / "r18.pth"
     torch.save(full.state_dict(), path)
-    loaded = Backbone("resnet18", weights_path=path).net.state_dict()
-    kept = {k: v for k, v in full.state_dict().items() if not k.startswith(("layer4", "fc"))}
-    assert kept.keys() == loaded.keys()
-    assert all(torch.equal(v, loaded[k]) for k, v in kept.items())
+    net = Backbone("resnet18", weights_path=path)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.net.modules())  # all folded
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for ours, ref in zip(net(x), _resnet_stages(full, x)):
+            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fingerprint_is_of_the_weights_as_loaded_not_folded():
+    """Models saved before folding existed must still load: same checksum."""
+    torch.manual_seed(0)  # Backbone seeds its random init the same way
+    unfolded = __import__("torchvision").models.resnet18(weights=None)
+    kept = [p for n, p in unfolded.named_parameters() if not n.startswith(("layer4", "fc"))]
+    with torch.no_grad():
+        assert Backbone("resnet18", pretrained=False, seed=0).fingerprint() == float(sum(p.double().abs().sum() for p in kept))
 
 
 def test_bad_weights_files_are_refused(tmp_path: Path):
@@ -89,3 +111,14 @@ def test_offline_torchvision_download_says_where_to_put_the_file(monkeypatch):
     message = str(err.value)
     assert "wide_resnet50_2-95faca4d.pth" in message
     assert "checkpoints" in message and "--weights" in message
+
+
+def test_folding_keeps_the_default_backbones_features():
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    folded, plain = Backbone("efficientnet_lite0"), Backbone("efficientnet_lite0", fold=False)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.net.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.net.modules())
+    assert folded.fingerprint() == plain.fingerprint()
+    with torch.no_grad():
+        for a, b in zip(folded(x), plain(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -44,12 +44,15 @@ def test_query_in_bank_has_distance_zero():
         assert idx[:, 0].tolist() == [7, 3] and dist.max().item() < 1e-3
 
 
-def test_chunking_does_not_change_results():
+@pytest.mark.parametrize(("chunk", "tile", "k"), [(7, 3, 5), (7, 64, 1), (100, 499, 5), (10_000, 10_000, 5), (33, 1, 1)])
+def test_chunks_and_tiles_do_not_change_results(chunk, tile, k):
+    """Tiles smaller than k, tiles that do not divide the bank, one tile: all equal brute force."""
     bank, q = torch.randn(500, 16, generator=_gen(5)), torch.randn(100, 16, generator=_gen(6))
-    a = NearestNeighbors(bank, "torch", chunk_size=7).search(q, k=5)
-    b = NearestNeighbors(bank, "torch", chunk_size=10_000).search(q, k=5)
-    assert torch.equal(a[1], b[1])  # the BLAS may round the distances differently per chunk shape
-    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+    dist, idx = NearestNeighbors(bank, "torch", chunk_size=chunk, tile_size=tile).search(q, k=k)
+    full = torch.cdist(q.double(), bank.double())
+    expected = full.argsort(dim=1)[:, :k]
+    assert torch.equal(idx, expected)  # random data: no exact ties
+    torch.testing.assert_close(dist.double(), full.gather(1, expected), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("index", "min_recall"), [("ivf", 0.95), ("ivfpq", 0.8)])

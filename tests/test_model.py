@@ -60,6 +60,27 @@ def test_score_features_scores_patch_features_against_any_bank(fitted):
     torch.testing.assert_close(other_maps, maps)
 
 
+def test_every_search_finds_the_same_exact_scores(fitted):
+    """torch flat, and ivf probing every list (exhaustive), equal the default faiss flat search."""
+    model, _, test = fitted
+    images = torch.stack([item["image"] for item in ImageDataset(test[-3:], model.preprocess)])
+    scores, maps = model.score_batch(images)
+    for backend, index, nprobe in [("torch", "flat", 1), ("faiss", "ivf", 10_000)]:
+        other = PatchCore(model.config, **{"knn_backend": backend, "knn_index": index, "knn_nprobe": nprobe})
+        other._set_bank(model.memory_bank)
+        other_scores, other_maps = other.score_batch(images)
+        torch.testing.assert_close(other_scores, scores, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(other_maps, maps, rtol=1e-4, atol=1e-4)
+    model.set_search("faiss", "ivf", nprobe=1)  # approximate: never below the exact distance
+    try:
+        approx_scores, approx_maps = model.score_batch(images)
+        assert model.index.index_type == "ivf"
+        assert (approx_maps >= maps - 1e-4).all()
+    finally:
+        model.set_search()
+    assert torch.equal(model.score_batch(images)[0], scores)
+
+
 def test_predict_is_deterministic(fitted, synthetic_root: Path):
     model, train, test = fitted
     again = PatchCore(coreset_ratio=0.1).fit(train, progress=False)
@@ -122,6 +143,12 @@ def test_unfitted_model_and_bad_settings():
         PatchCoreConfig(coreset_ratio=0)
     with pytest.raises(ValueError, match="feature_mode"):
         PatchCoreConfig(feature_mode="max")
+    with pytest.raises(ValueError, match="torch backend is exact"):  # refused before any fit
+        PatchCoreConfig(knn_backend="torch", knn_index="ivf")
+    with pytest.raises(ValueError, match="index must be"):
+        PatchCoreConfig(knn_index="hnsw")
+    with pytest.raises(ValueError, match="knn_nprobe"):
+        PatchCoreConfig(knn_nprobe=0)
     model = PatchCore(pretrained=False)
     with pytest.raises(RuntimeError, match="fit"):
         model.predict(torch.zeros(1, 3, 64, 64))

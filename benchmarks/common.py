@@ -1,0 +1,56 @@
+"""What the benchmarks share: peak memory, medians of repeated timings, banks of real features."""
+
+from __future__ import annotations
+
+import random
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from patchcore_lite.datasets import MTD_PREPROCESS, MVTEC_PREPROCESS, Sample, dataset_kind, train_test_samples
+from patchcore_lite.model import PatchCore, image_batches
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of ``repeat`` calls after one untimed warm-up call (first calls are slower):
+    this machine's timings wander by +-25% between runs."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def dataset_model(root: Path, **settings) -> PatchCore:
+    """A default PatchCore with the dataset's image sizes (MTD: whole tile; MVTec: resize + crop)."""
+    base = MTD_PREPROCESS if dataset_kind(root) == "mtd" else MVTEC_PREPROCESS
+    return PatchCore(resize=base.resize, crop=base.crop, **settings)
+
+
+def dataset_split(root: Path, train_images: int | None, test_images: int | None,
+                  seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """The first ``train_images`` training images and a seeded sample of ``test_images`` test images."""
+    train, test = train_test_samples(root, seed=seed)
+    if train_images is not None and train_images > len(train):
+        raise SystemExit(f"{root} has {len(train)} training images, fewer than --train-images {train_images}")
+    if test_images is not None and test_images < len(test):
+        test = random.Random(seed).sample(test, test_images)
+    return train[:train_images], test
+
+
+def patch_bank(root: Path, train_images: int | None) -> torch.Tensor:
+    """Patch features (N, D) of the first ``train_images`` training images, default PatchCore settings."""
+    train, _ = dataset_split(root, train_images, None)
+    model = dataset_model(root)
+    return torch.cat([model.extract(b).flatten(0, 2) for b in image_batches(train, model.preprocess, 8, True)])
