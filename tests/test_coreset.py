@@ -65,12 +65,14 @@ def test_fast_equals_plain(seed, start):
     assert len(fast.unique()) == k  # no point picked twice, duplicates included
 
 
+@pytest.mark.parametrize("window", [1, 3])
 @pytest.mark.parametrize("seed", range(4))
-def test_fast_equals_plain_tiny_hot_set(monkeypatch, seed):
-    """Tiny hot set, filter chunks and compaction period: every catch-up branch runs often."""
+def test_fast_equals_plain_tiny_hot_set(monkeypatch, seed, window):
+    """Tiny hot set, catch-up windows, filter chunks and compaction period: every branch runs often."""
     monkeypatch.setattr(cs, "_HOT", 8)
     monkeypatch.setattr(cs, "_FILTER_ELEMS", 2048)
     monkeypatch.setattr(cs, "_COMPACT_EVERY", 2)
+    monkeypatch.setattr(cs, "_FIRST_WINDOW", window)
     x = _clustered(600, 6, 30, seed, spread=0.3) if seed % 2 else torch.randint(0, 4, (600, 5)).float()
     for start in ("official", "single"):
         fast = greedy_coreset(x, 120, start=start, seed=seed)
