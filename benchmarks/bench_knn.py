@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import dataset_model, dataset_split, median_seconds
+from common import dataset_model, dataset_split, median_seconds, peak_rss_mib
 from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.model import PatchCore, image_batches
 from patchcore_lite.pipeline import evaluate
@@ -94,6 +94,7 @@ def main() -> None:
         for dim in args.dims:
             print(f"\n== synthetic bank {args.bank} x {dim}, {args.images} images x {PATCHES} patches")
             compare(*synthetic_data(args.bank, dim, PATCHES * args.images, args.seed), args)
+        print(f"\npeak RSS {peak_rss_mib():.0f} MiB")
         return
     model, test, queries = real_data(args)
     compare(model.memory_bank, queries, args)
@@ -103,6 +104,7 @@ def main() -> None:
             m = evaluate(model.set_search(backend, index, nprobe), test, progress=False).metrics
             name = f"{backend} {index}" + (f" nprobe {nprobe}" if index != "flat" else "")
             print(f"{name:21s} {m['image_auroc']:11.4f} {m['pixel_auroc']:11.4f} {m['aupro']:7.4f}")
+    print(f"\npeak RSS {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

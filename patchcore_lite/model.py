@@ -23,7 +23,7 @@ k                 1                    paper eq. 6, all official runs
 reweight, b       True, 9              paper eq. 7, b as anomalib (official: off)
 sigma             4                    paper Sec. 3.3 / official
 knn               faiss flat           official (exact L2)
-knn_nprobe        8                    only for ``knn_index="ivf"``/``"ivfpq"``
+knn_nprobe        16                   ivf/ivfpq only; chosen on MTD (RESULTS.md)
 ================  ===================  =============================================
 
 Search: exact search costs ``2 N M D`` flops per image (N test patches, M bank
@@ -83,7 +83,7 @@ class PatchCoreConfig:
     sigma: float = 4.0
     knn_backend: str = "faiss"
     knn_index: str = "flat"
-    knn_nprobe: int = 8
+    knn_nprobe: int = 16
     seed: int = 0
     batch_size: int = 8
 
@@ -221,7 +221,7 @@ class PatchCore:
         self.memory_bank = bank
         self.index = NearestNeighbors(bank, c.knn_backend, c.knn_index, nprobe=c.knn_nprobe, seed=c.seed)
 
-    def set_search(self, backend: str = "faiss", index: str = "flat", nprobe: int = 8) -> PatchCore:
+    def set_search(self, backend: str = "faiss", index: str = "flat", nprobe: int = 16) -> PatchCore:
         """Search the same memory bank another way (no refit), e.g. ``set_search(index="ivf")``."""
         self.config = replace(self.config, knn_backend=backend, knn_index=index, knn_nprobe=nprobe)
         if self.memory_bank is not None:
