@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import dataset_model, dataset_split, median_seconds, peak_rss_mib
+from common import dataset_model, dataset_split, median_seconds, peak_rss_mib, search_name
 from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.model import PatchCore, image_batches
 from patchcore_lite.pipeline import evaluate
@@ -62,7 +62,7 @@ def compare(bank: torch.Tensor, queries: torch.Tensor, args: argparse.Namespace)
         per_image = median_seconds(lambda: nn.search(queries), args.repeat) / n_img
         dist, idx = nn.search(queries)
         rel = (dist[:, 0] - exact_d) / exact_d.clamp_min(1e-6)
-        name = f"{backend} {index}" + (f" nprobe {nprobe}" if index != "flat" else "")
+        name = search_name(backend, index, nprobe)
         gflops = f"{flops / per_image / 1e9:8.0f}" if index == "flat" else f"{'':8s}"
         print(f"{name:21s} {build:8.2f} {1e3 * per_image:9.1f} {base / per_image:7.1f}x {gflops} "
               f"{(idx[:, 0] == exact_i).float().mean():9.4f} {rel.mean():13.2e} {rel.max():7.3f}")
@@ -102,7 +102,7 @@ def main() -> None:
         print(f"\n{'search':21s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'AUPRO':>7s}  ({len(test)} test images)")
         for backend, index, nprobe in SEARCHES:
             m = evaluate(model.set_search(backend, index, nprobe), test, progress=False).metrics
-            name = f"{backend} {index}" + (f" nprobe {nprobe}" if index != "flat" else "")
+            name = search_name(backend, index, nprobe)
             print(f"{name:21s} {m['image_auroc']:11.4f} {m['pixel_auroc']:11.4f} {m['aupro']:7.4f}")
     print(f"\npeak RSS {peak_rss_mib():.0f} MiB")
 

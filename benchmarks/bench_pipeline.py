@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import dataset_model, dataset_split, median_seconds, peak_rss_mib
+from common import dataset_model, dataset_split, median_seconds, peak_rss_mib, search_name
 from patchcore_lite.backbone import Backbone
 from patchcore_lite.model import PatchCore, image_batches
 from patchcore_lite.patches import patch_features
@@ -40,10 +40,13 @@ def features_per_second(model: PatchCore, batches: list[torch.Tensor], repeat: i
     c = model.config
     plain = Backbone(c.backbone, c.layers, c.pretrained, seed=c.seed, fold=False)
     runs: dict[bool, list[float]] = {True: [], False: []}
+    nets = ((True, model.backbone), (False, plain))
     with torch.inference_mode():
+        for _, net in nets:
+            net(batches[0])  # warm-up
         for _ in range(repeat):  # alternating, so a slow spell of the machine hits both
-            for folded, net in ((True, model.backbone), (False, plain)):
-                runs[folded].append(median_seconds(lambda: [net(b) for b in batches], 1))
+            for folded, net in nets:
+                runs[folded].append(median_seconds(lambda: [net(b) for b in batches], 1, warm_up=False))
     n = sum(len(b) for b in batches)
     return n / statistics.median(runs[True]), n / statistics.median(runs[False])
 
@@ -109,7 +112,7 @@ def main() -> None:
         model.set_search(backend, index, nprobe)
         stages = median_stages(model, batches, args.repeat)
         from_files = median_seconds(lambda: model.predict(test, progress=False), args.repeat)
-        name = f"{backend} {index}" + (f" nprobe {nprobe}" if index != "flat" else "")
+        name = search_name(backend, index, nprobe)
         print(f"{name:20s}" + "".join(f"{1e3 * stages[s] / len(test):9.1f} ms" for s in STAGES)
               + f"{len(test) / sum(stages.values()):9.1f} img/s{len(test) / from_files:7.1f} img/s")
     print(f"\npeak RSS  : {peak_rss_mib():.0f} MiB")

@@ -20,16 +20,22 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time of ``repeat`` calls after one untimed warm-up call (first calls are slower):
+def median_seconds(fn: Callable[[], object], repeat: int, warm_up: bool = True) -> float:
+    """Median wall time of ``repeat`` calls, after one untimed warm-up call (first calls are slower):
     this machine's timings wander by +-25% between runs."""
-    fn()
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def search_name(backend: str, index: str, nprobe: int) -> str:
+    """How the tables name a search: "faiss flat", "faiss ivf nprobe 16"."""
+    return f"{backend} {index}" + (f" nprobe {nprobe}" if index != "flat" else "")
 
 
 def dataset_model(root: Path, **settings) -> PatchCore:

@@ -221,8 +221,15 @@ class PatchCore:
         self.memory_bank = bank
         self.index = NearestNeighbors(bank, c.knn_backend, c.knn_index, nprobe=c.knn_nprobe, seed=c.seed)
 
-    def set_search(self, backend: str = "faiss", index: str = "flat", nprobe: int = 16) -> PatchCore:
-        """Search the same memory bank another way (no refit), e.g. ``set_search(index="ivf")``."""
+    def set_search(
+        self,
+        backend: str = PatchCoreConfig.knn_backend,
+        index: str = PatchCoreConfig.knn_index,
+        nprobe: int = PatchCoreConfig.knn_nprobe,
+    ) -> PatchCore:
+        """Search the same memory bank another way (no refit), e.g. ``set_search(index="ivf")``.
+
+        The defaults are the config's: ``set_search()`` returns to exact faiss search."""
         self.config = replace(self.config, knn_backend=backend, knn_index=index, knn_nprobe=nprobe)
         if self.memory_bank is not None:
             self._set_bank(self.memory_bank)
