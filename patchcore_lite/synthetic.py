@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .download import data_root, writable_dir
 from .errors import DataError
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ DEFECTS: dict[str, tuple[str, ...]] = {
 }
 CATEGORIES: tuple[str, ...] = tuple(DEFECTS)
 N_TRAIN, N_TEST_GOOD, N_PER_DEFECT = 30, 10, 4
-DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data" / "synthetic"
 
 # Defects stay inside the centre 224/256 of the image: the default pipeline
 # (resize 256, centre crop 224) must not cut them.
@@ -507,8 +507,13 @@ def _move_into_place(tmp: Path, root: Path, stamp: str) -> None:
     raise DataError(f"{root}: could not replace the folder with the generated data; remove it and run again.")
 
 
+def default_root() -> Path:
+    """``<data root>/synthetic``, or the user's cache when the data root is read-only (``download.writable_dir``)."""
+    return writable_dir(data_root() / "synthetic", "synthetic")
+
+
 def generate(
-    root: str | os.PathLike = DEFAULT_ROOT,
+    root: str | os.PathLike | None = None,
     categories: Iterable[str] = CATEGORIES,
     seed: int = 0,
     size: int = 256,
@@ -519,7 +524,7 @@ def generate(
     so readers never see half a dataset. An existing ``root`` is replaced only if it
     is empty or an earlier synthetic dataset (it has a VERSION file).
     """
-    root, categories = Path(root), tuple(categories)
+    root, categories = Path(root or default_root()), tuple(categories)
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:
         raise ValueError(f"unknown categories {unknown}; choose from {', '.join(CATEGORIES)}")
@@ -544,9 +549,9 @@ def generate(
     return root
 
 
-def ensure_synthetic(root: str | os.PathLike = DEFAULT_ROOT) -> Path:
-    """The default synthetic dataset at ``root``, generated only if missing or outdated."""
-    root = Path(root)
+def ensure_synthetic(root: str | os.PathLike | None = None) -> Path:
+    """The default synthetic dataset at ``root`` (default: ``default_root()``), generated only if missing or outdated."""
+    root = Path(root or default_root())
     if _read_stamp(root) != _stamp(CATEGORIES, 0, 256):
         generate(root)
     return root

@@ -1,33 +1,31 @@
-"""Shared fixtures: the real data beside the repository, and the synthetic dataset.
+"""Shared fixtures: the real data under the package's data root, and the synthetic dataset.
 
-Real data lives in ``<repo>/../shared/data`` (set ``PATCHCORE_SHARED_DATA`` to use
-another folder). It is not part of the repository, so every test that needs it
+Real data is looked up below ``patchcore_lite.download.data_root()`` (``$PATCHCORE_DATA``,
+else the repository's ``data/``). A fresh clone has none, so every test that needs it
 skips cleanly when it is absent.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from patchcore_lite.download import data_root
 from patchcore_lite.synthetic import generate
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _require(path: Path) -> Path:
     if not path.is_dir():
-        pytest.skip(f"real data not found at {path}: these tests need ../shared/data (see data/README.md)")
+        pytest.skip(f"real data not found at {path}: set PATCHCORE_DATA to a folder with it (see data/README.md)")
     return path
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The folder of real datasets (may not exist; the fixtures below skip then)."""
-    return Path(os.environ.get("PATCHCORE_SHARED_DATA", REPO.parent / "shared" / "data"))
+    """The folder of real datasets (may not hold them; the fixtures below skip then)."""
+    return data_root()
 
 
 @pytest.fixture(scope="session")
