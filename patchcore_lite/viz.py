@@ -7,6 +7,7 @@ cell's result is shown once (pyplot figures would be shown a second time when th
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,13 @@ from .metrics import image_auroc, image_level_inputs, normalised_area, pro_curve
 
 _MASK_COLOUR = "lime"
 _MAX_CURVE_POINTS = 4000  # a PRO curve has one point per distinct pixel score: millions
+
+
+def png_bytes(figure: Figure, dpi: float | None = None) -> bytes:
+    """The figure as PNG file contents (for an ipywidgets Image, a flipbook frame or a file)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def overlay(

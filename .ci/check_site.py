@@ -1,0 +1,97 @@
+"""Open every chapter of the built site in Chromium, as a reader would, and check what a reader sees.
+
+    python .ci/check_site.py [_build/html]
+
+For every page of the table of contents: it loads without a failed or missing request, no
+image is broken, equations are typeset by MathJax, the chapter has executed outputs with
+figures, and every flipbook's range control changes the visible figure when moved with the
+keyboard (no kernel: the page alone). Exits 1 with one line per problem.
+Needs Debian's ``chromium`` and the ``playwright`` package (its own browser download is not used).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import re
+import sys
+import threading
+from pathlib import Path
+
+from playwright.sync_api import Page, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+def serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """The site on a loopback port, in a thread (file:// would hide missing-file requests)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:  # one line per problem, not per request
+        pass
+
+
+def chapters() -> list[str]:
+    return re.findall(r"file: (notebooks/\S+)", Path("_toc.yml").read_text())
+
+
+def check_page(page: Page, url: str, name: str) -> list[str]:
+    problems: list[str] = []
+    page.on("requestfailed", lambda r: problems.append(f"{name}: request failed: {r.url}"))
+    page.on("response", lambda r: r.status >= 400 and problems.append(f"{name}: HTTP {r.status}: {r.url}"))
+    page.goto(url, wait_until="networkidle")
+    page.wait_for_timeout(500)  # MathJax typesets after load
+    broken = page.eval_on_selector_all("img", "imgs => imgs.filter(i => !(i.complete && i.naturalWidth > 0))"
+                                       ".map(i => i.src.slice(0, 80))")
+    problems += [f"{name}: broken image {src}" for src in broken]
+    if page.locator(".math").count() and not page.locator("mjx-container").count():
+        problems.append(f"{name}: equations are not typeset (no MathJax output)")
+    if not page.locator(".cell_output").count() or not page.locator(".cell_output img").count():
+        problems.append(f"{name}: no executed output with a figure")
+    for i in range(page.locator(".flipbook").count()):
+        problems += check_flipbook(page, i, name)
+    return problems
+
+
+def check_flipbook(page: Page, i: int, name: str) -> list[str]:
+    """Moving the range control with the keyboard must show another frame, and another picture."""
+    book = page.locator(".flipbook").nth(i)
+    book.scroll_into_view_if_needed()
+    before = book.screenshot()
+    control = book.locator('input[type="range"]')
+    control.focus()
+    value = control.input_value()
+    page.keyboard.press("ArrowLeft" if value == control.get_attribute("max") else "ArrowRight")
+    if control.input_value() == value:
+        return [f"{name}: flipbook {i}: the range control did not move"]
+    if book.locator(".flipbook-frame:not([hidden])").count() != 1:
+        return [f"{name}: flipbook {i}: not exactly one frame visible after moving the control"]
+    if book.screenshot() == before:
+        return [f"{name}: flipbook {i}: moving the control did not change the figure"]
+    return []
+
+
+def main(site: Path) -> int:
+    server, base = serve(site)
+    problems, flipbooks = [], 0
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        for chapter in chapters():
+            page = browser.new_page()
+            problems += check_page(page, f"{base}/{chapter}.html", chapter)
+            flipbooks += page.locator(".flipbook").count()
+            page.close()
+        browser.close()
+    server.shutdown()
+    print("\n".join(problems) or f"site in Chromium: {len(chapters())} chapters, {flipbooks} flipbooks, no problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "_build/html")))
