@@ -32,7 +32,7 @@ import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.error import HTTPError, URLError
@@ -310,11 +310,11 @@ def _install(dataset: Dataset, archive: Archive, parts: list[Part], root: Path, 
     """Fetch one archive, check its hash, unpack it and move its checked parts into place."""
     url = _source(archive, mirror)
     saved = root / DOWNLOADS / archive.file
-    hint = (f"fetch {url} by hand and save it as {saved}, then run the same command again; "
+    hint = (f"fetch {archive.url} by hand and save it as {saved}, then run the same command again; "
             f"or fetch from a copy with --mirror URL (or ${ENV_MIRROR})")
     print(f"{dataset.title}: licence {dataset.licence}. Cite: {dataset.citation}.")
     print(f"{archive.file}: {archive.size}, from {url}")
-    with _removing_new_empty_dirs(saved.parent, (root / parts[0].folder).parent):
+    with _tidying(saved.parent, (root / parts[0].folder).parent):
         if saved.is_file():
             print(f"using {saved}, which is already here")
         else:
@@ -332,21 +332,19 @@ def _install(dataset: Dataset, archive: Archive, parts: list[Part], root: Path, 
 
 
 @contextmanager
-def _removing_new_empty_dirs(*dirs: Path) -> Iterator[None]:
-    """On failure, remove those of ``dirs`` and their parents that were created meanwhile and are empty.
+def _tidying(downloads: Path, parent: Path) -> Iterator[None]:
+    """Afterwards remove ``downloads`` if empty, and the folders above it or ``parent`` created meanwhile if empty.
 
-    A failed download then leaves nothing behind but a ``.part`` file to resume from.
+    A failed download then leaves nothing behind but a ``.part`` file to resume from, and a
+    successful one no empty ``downloads/`` folder; folders the user made stay.
     """
-    new = {d for top in dirs for d in (top, *top.parents) if not d.exists()}
+    new = {d for top in (downloads, parent) for d in (top, *top.parents) if not d.exists()}
     try:
         yield
-    except BaseException:
-        for d in sorted(new, key=lambda d: len(d.parts), reverse=True):
-            try:
+    finally:
+        for d in sorted(new | {downloads}, key=lambda d: len(d.parts), reverse=True):
+            with suppress(OSError):  # not empty: it holds a dataset, or a .part file to resume from
                 d.rmdir()
-            except OSError:  # not empty: it holds a .part file
-                pass
-        raise
 
 
 def _fetch(url: str, dest: Path, progress: bool, hint: str) -> None:
