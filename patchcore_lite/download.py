@@ -33,7 +33,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
@@ -139,7 +139,7 @@ class Dataset:
     citation: str
     count: Callable[[Path], dict[str, int]]  # image counts found in one part's folder
     parts: dict[str, Part]  # MVTec AD: one per category; Magnetic Tile Defects: one
-    whole: Archive | None = field(default=None)  # every part in one file: used when all are missing
+    whole: Archive | None = None  # every part in one file: used when all are missing
 
 
 def _mvtec_counts(folder: Path) -> dict[str, int]:
@@ -312,21 +312,25 @@ def _install(dataset: Dataset, archive: Archive, parts: list[Part], root: Path, 
     saved = root / DOWNLOADS / archive.file
     hint = (f"fetch {archive.url} by hand and save it as {saved}, then run the same command again; "
             f"or fetch from a copy with --mirror URL (or ${ENV_MIRROR})")
-    print(f"{dataset.title}: licence {dataset.licence}. Cite: {dataset.citation}.")
+    print(f"{dataset.title} ({dataset.homepage}): licence {dataset.licence}. Cite: {dataset.citation}.")
     print(f"{archive.file}: {archive.size}, from {url}")
-    with _tidying(saved.parent, (root / parts[0].folder).parent):
-        if saved.is_file():
-            print(f"using {saved}, which is already here")
-        else:
-            _fetch(url, saved, progress, hint)
-        try:
-            _check_sha256(saved, archive.sha256, url)
-            _unpack_into_place(dataset, saved, parts, root)
-        except DownloadError as err:  # a complete but bad file cannot be resumed: fetch it afresh
-            saved.unlink(missing_ok=True)
-            raise DownloadError(f"{str(err).rstrip('.')}. {saved} was deleted: run the command again, "
-                                f"or {hint}.") from None
-        saved.unlink()  # unpacked and checked: the archive is not needed any more
+    try:
+        with _tidying(saved.parent, (root / parts[0].folder).parent):
+            if saved.is_file():
+                print(f"using {saved}, which is already here")
+            else:
+                _fetch(url, saved, progress, hint)
+            try:
+                _check_sha256(saved, archive.sha256, url)
+                _unpack_into_place(dataset, saved, parts, root)
+            except DownloadError as err:  # a complete but bad file cannot be resumed: fetch it afresh
+                saved.unlink(missing_ok=True)
+                raise DownloadError(f"{str(err).rstrip('.')}. {saved} was deleted: run the command again, "
+                                    f"or {hint}.") from None
+            saved.unlink()  # unpacked and checked: the archive is not needed any more
+    except OSError as err:  # network errors are DownloadErrors by now: this is the local disk
+        raise DownloadError(f"could not write below {root} ({err}); free some space, or choose a writable "
+                            f"data root with --root DIR (or ${ENV_DATA})") from None
     for part in parts:
         print(f"{root / part.folder}: complete ({_summary(part.counts)})")
 
