@@ -258,6 +258,7 @@ def download(name: str, categories: list[str] | None = None, root: str | os.Path
 
 
 def _select(dataset: Dataset, categories: list[str] | None) -> list[Part]:
+    """The parts asked for (all when none is named), each once."""
     if not categories:
         return list(dataset.parts.values())
     unknown = [c for c in categories if c not in dataset.parts]
@@ -378,13 +379,19 @@ def _transfer(url: str, part: Path, progress: bool, hint: str) -> bool:
             total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5],
             disable=not progress,
         ) as bar:
-            try:
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException):  # dropped mid-transfer: the caller resumes
-                return False
+            for chunk in _chunks(response):
+                out.write(chunk)
+                bar.update(len(chunk))
     return total is None or part.stat().st_size == total
+
+
+def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
+    """The body in chunks; a dropped connection just ends it early (the size check notices)."""
+    try:
+        while chunk := response.read(_CHUNK):
+            yield chunk
+    except (OSError, http.client.HTTPException):
+        return
 
 
 def _open(url: str, start: int, hint: str) -> http.client.HTTPResponse | None:
@@ -406,6 +413,7 @@ def _open(url: str, start: int, hint: str) -> http.client.HTTPResponse | None:
 
 
 def _check_sha256(path: Path, expected: str | None, url: str) -> None:
+    """Refuse a file whose SHA-256 is not the published one (before anything is unpacked)."""
     if expected is None:  # none published: the count check after unpacking stands in
         return
     digest = hashlib.sha256()

@@ -231,6 +231,32 @@ def test_a_defective_image_without_its_mask_is_not_installed(server, monkeypatch
     assert tree(root) == []
 
 
+def test_a_file_that_is_no_archive_is_refused(server, monkeypatch, tmp_path, capsys):
+    server.files["tiny.tar.xz"] = b"<html>the publisher's login page</html>"
+    register_tiny(monkeypatch, server.files["tiny.tar.xz"], sha=None)
+    root = tmp_path / "data"
+    assert fetch(server, root) == 2
+    assert "could not be unpacked" in capsys.readouterr().err
+    assert tree(root) == []
+
+
+def test_all_categories_missing_come_in_the_whole_archive_with_its_hash(server, monkeypatch, tmp_path):
+    second = {k.replace("tiny/", "wee/", 1): v for k, v in TINY.items()}
+    archive = tar_xz({**TINY, **second, "license.txt": b"CC BY-NC-SA 4.0"})
+    server.files["whole.tar.xz"] = archive
+    whole = dl.Archive("whole.tar.xz", "https://publisher.invalid/whole.tar.xz", "2 kB", sha256(archive))
+    unused = dl.Archive("unused.tar.xz", "https://publisher.invalid/unused.tar.xz", "1 kB", None)
+    parts = {c: dl.Part(f"mvtec_ad/{c}", c, unused, TINY_COUNTS) for c in ("tiny", "wee")}
+    monkeypatch.setitem(dl.DATASETS, "mvtec_ad", replace(dl.DATASETS["mvtec_ad"], parts=parts, whole=whole))
+    root = tmp_path / "data"
+    assert dl.download("mvtec_ad", root=root, mirror=server.url, progress=False) == [
+        root / "mvtec_ad" / "tiny", root / "mvtec_ad" / "wee"]
+    assert server.requests == [("whole.tar.xz", None)]
+    assert (root / "mvtec_ad" / "wee" / "test" / "good" / "000.png").read_bytes() == TINY["tiny/test/good/000.png"]
+    assert [p.name for p in root.iterdir()] == ["mvtec_ad"]
+    assert sorted(p.name for p in (root / "mvtec_ad").iterdir()) == ["tiny", "wee"]
+
+
 def test_a_refused_connection_is_one_line_and_creates_nothing(monkeypatch, tmp_path, capsys):
     register_tiny(monkeypatch, tar_xz(TINY))
     with socket.socket() as s:  # a port that nothing listens on
