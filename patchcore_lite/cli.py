@@ -156,6 +156,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"scores: {args.out / 'scores.csv'}, maps: {args.out / 'maps.npz'}")
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from .download import download
+
+    download(args.dataset, args.categories, root=args.root, mirror=args.mirror)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m patchcore_lite",
@@ -193,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, help="backbone weights file, if the model needs one")
     p.add_argument("--out", type=Path, default=Path("runs/predict"), help="where scores.csv and maps.npz go")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("download", help="fetch MVTec AD categories or Magnetic Tile Defects into the data root")
+    p.add_argument("dataset", help="mvtec_ad or mtd (Magnetic Tile Defects)")
+    p.add_argument("categories", nargs="*", metavar="CATEGORY", help="MVTec AD categories (default: all 15)")
+    p.add_argument("--root", type=Path, help="data root (default: $PATCHCORE_DATA, else the repository's data/)")
+    p.add_argument("--mirror", help="fetch MIRROR/<archive file> instead of the publisher's URL "
+                   "(default: $PATCHCORE_MIRROR); a local folder or file:// URL works too")
+    p.set_defaults(func=cmd_download)
     return parser
 
 

@@ -19,3 +19,7 @@ class ModelFileError(PatchCoreError, ValueError):
 
 class WeightsNotFoundError(PatchCoreError, FileNotFoundError):
     """Pretrained backbone weights that are not on this machine (says where to put them)."""
+
+
+class DownloadError(PatchCoreError):
+    """A dataset that could not be fetched, verified or unpacked (says what to do next)."""
