@@ -25,7 +25,9 @@ Every backbone answers to the stage aliases ``layer1`` … ``layer4`` (strides 4
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ModelFileError, WeightsNotFoundError
+from .errors import ModelFileError, WeightsNotFoundError, check_choice, check_setting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -151,6 +153,30 @@ def _registry() -> dict[str, BackboneSpec]:
 BACKBONES: dict[str, BackboneSpec] = _registry()
 
 
+def check_backbone(name: str, layers: Sequence[str]) -> None:
+    """Refuse an unknown backbone or stage with a ConfigError, before any weights are loaded.
+
+    Stage aliases are checked by name; only a dotted module name needs the architecture
+    (built once per backbone, random weights).
+    """
+    check_choice("backbone", name, BACKBONES)
+    check_setting(not isinstance(layers, str) and len(layers) > 0, "layers", layers, "a non-empty list of stages")
+    stages = BACKBONES[name].stages
+    unknown = [layer for layer in layers if layer not in stages]
+    if unknown:
+        unknown = [layer for layer in unknown if layer not in _module_names(name)]
+    check_setting(
+        not unknown, "layers", tuple(layers), f"stages of {name} (unknown: {', '.join(map(str, unknown))}): "
+        f"the aliases {', '.join(stages)} or dotted module names of the network",
+    )
+
+
+@functools.cache
+def _module_names(name: str) -> frozenset[str]:
+    with torch.random.fork_rng():
+        return frozenset(module for module, _ in BACKBONES[name].build().named_modules())
+
+
 class _StopForward(Exception):
     """Raised by the hook of the last needed stage to end the forward pass early."""
 
@@ -177,8 +203,7 @@ class Backbone(nn.Module):
         fold: bool = True,
     ) -> None:
         super().__init__()
-        if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        check_backbone(name, layers)
         spec = BACKBONES[name]
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -188,20 +213,15 @@ class Backbone(nn.Module):
         self.name, self.layers, self.mean, self.std = name, tuple(layers), spec.mean, spec.std
         self.module_names = [spec.stages.get(layer, layer) for layer in self.layers]
         self._outputs: dict[str, torch.Tensor] = {}
-        self._hook(net, spec)
+        self._hook(net)
         net.eval().requires_grad_(False)
         self._fingerprint = _checksum(net)  # of the weights as loaded, before folding
         self.net = (fold_batchnorm(net) if fold else net).to(memory_format=torch.channels_last)
         self.channels, self.strides = self._probe()
 
-    def _hook(self, net: nn.Module, spec: BackboneSpec) -> None:
-        modules = dict(net.named_modules())
+    def _hook(self, net: nn.Module) -> None:
+        modules = dict(net.named_modules())  # every name exists: check_backbone
         for module_name in self.module_names:
-            if module_name not in modules:
-                raise ValueError(
-                    f"{self.name} has no stage {module_name!r}; use an alias "
-                    f"{sorted(spec.stages)} or a module name of the network"
-                )
             modules[module_name].register_forward_hook(self._save(module_name))
         # Drop the top-level modules that run after the last needed stage.
         order = [name for name, _ in net.named_children()]

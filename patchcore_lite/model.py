@@ -48,11 +48,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbone import Backbone
-from .coreset import select_coreset
+from .coreset import METHODS, STARTS, select_coreset
 from .datasets import ImageDataset, Preprocess, Sample, validate_samples
-from .errors import ModelFileError
+from .errors import ModelFileError, check_choice, check_int, check_real
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
+from .pipeline import check_detector_config
 from .scoring import anomaly_maps, image_scores, patch_scores
 
 FORMAT_VERSION = 1
@@ -88,13 +89,21 @@ class PatchCoreConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.feature_mode not in MODES:
-            raise ValueError(f"feature_mode must be one of {MODES}, got {self.feature_mode!r}")
-        if not 0 < self.coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.k < 1 or self.reweight_b < 1 or self.batch_size < 1 or self.knn_nprobe < 1:
-            raise ValueError("k, reweight_b, batch_size and knn_nprobe must be >= 1")
-        check_search(self.knn_backend, self.knn_index)  # before a fit, not after it
+        """Refuse any setting out of range with a ConfigError, before a backbone is built or a fit starts."""
+        check_detector_config(self, self.layers)
+        check_choice("feature_mode", self.feature_mode, MODES)
+        for name in ("patch_size", "patch_stride", "embed_dim", "target_dim", "projection_dim", "k", "knn_nprobe"):
+            check_int(name, getattr(self, name))
+        check_real("coreset_ratio", self.coreset_ratio, lambda v: 0 < v <= 1, "in (0, 1], the fraction of patches kept")
+        check_choice("coreset_method", self.coreset_method, METHODS)
+        eps = self.projection_eps
+        if eps is not None:
+            check_real("projection_eps", eps, lambda v: 0 < v < 1, "None (use projection_dim) or in (0, 1)")
+        check_choice("coreset_start", self.coreset_start, STARTS)
+        # Eq. 7 with b = 1: N_b(m*) holds m* alone, the weight is 1 - 1 = 0 and every image scores 0.
+        check_int("reweight_b", self.reweight_b, 2, " (eq. 7: b = 1 gives every image the score 0); "
+                  "reweight=False (CLI: --no-reweight) is eq. 6, no reweighting")
+        check_search(self.knn_backend, self.knn_index)
 
     @classmethod
     def from_dict(cls, values: dict) -> PatchCoreConfig:
