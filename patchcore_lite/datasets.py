@@ -410,6 +410,8 @@ def validate_samples(samples: Iterable[Sample]) -> None:
     samples = list(samples)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         problems = [p for found in pool.map(_sample_problems, samples) for p in found]
+    if len(problems) == 1:  # one line, as every other error
+        raise DataError(f"{problems[0]} (1 problem in {len(samples)} images; nothing was computed)")
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise DataError(

@@ -50,7 +50,7 @@ from . import __version__
 from .backbone import Backbone
 from .coreset import METHODS, STARTS, select_coreset
 from .datasets import ImageDataset, Preprocess, Sample, validate_samples
-from .errors import ModelFileError, check_choice, check_int, check_real
+from .errors import ConfigError, ModelFileError, check_choice, check_int, check_real
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
 from .pipeline import check_detector_config
@@ -212,6 +212,11 @@ class PatchCore:
             bank, c.coreset_ratio, c.coreset_method, c.projection_dim, c.projection_eps,
             c.coreset_start, c.seed, progress,
         )
+        if c.reweight and len(picks) < 2:  # eq. 7 would score every image 0 (scoring.image_scores)
+            raise ConfigError(
+                f"coreset_ratio = {c.coreset_ratio} keeps {len(picks)} of {len(bank)} training patches, but eq. 7 "
+                "needs at least 2: raise coreset_ratio, fit on more images, or set reweight=False (eq. 6)."
+            )
         self._set_bank(bank[picks].contiguous())
         self.fit_timings = {
             "features_s": extracted - start,
