@@ -99,8 +99,8 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
         crop=base.crop if args.crop is None else args.crop,
         patch_size=args.patch_size, feature_mode=args.feature_mode, coreset_ratio=args.coreset_ratio,
         coreset_method=args.coreset_method, reweight=not args.no_reweight, knn_backend=args.knn,
-        knn_index=args.knn_index, knn_nprobe=args.nprobe or PatchCoreConfig.knn_nprobe, seed=args.seed,
-        batch_size=args.batch_size,
+        knn_index=args.knn_index, knn_nprobe=PatchCoreConfig.knn_nprobe if args.nprobe is None else args.nprobe,
+        seed=args.seed, batch_size=args.batch_size,
     )
 
 
