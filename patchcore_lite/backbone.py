@@ -74,8 +74,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise WeightsNotFoundError(f"weights file {path} does not exist") from None
     except Exception as exc:  # torch raises several types for a bad or unsafe file
+        # Only the type: torch's text spans many lines and suggests weights_only=False, which could run code.
         raise ModelFileError(
-            f"cannot read weights file {path} as a plain state dict ({exc}). "
+            f"cannot read weights file {path} as a plain state dict ({type(exc).__name__}). "
             "Use a .pth file holding only tensors (torch.save(model.state_dict(), path))."
         ) from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
@@ -127,7 +128,7 @@ def _torchvision(name: str) -> tuple[Callable[[], nn.Module], Callable[[nn.Modul
         except Exception as exc:  # URLError offline, HTTP errors, partial downloads
             hub = Path(torch.hub.get_dir()) / "checkpoints"
             raise WeightsNotFoundError(
-                f"could not download the ImageNet weights of {name} ({exc}).\n"
+                f"could not download the ImageNet weights of {name} ({exc}). "
                 f"Offline? Copy the file {Path(weights.url).name} (from {weights.url}) into "
                 f"{hub}/ (set TORCH_HOME to move that cache), or pass weights_path=PATH "
                 f"(CLI: --weights PATH). The offline default backbone is efficientnet_lite0."
