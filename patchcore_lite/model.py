@@ -380,7 +380,7 @@ def _read_model_file(path: Path) -> tuple[np.ndarray, dict, PatchCoreConfig]:
     return bank.astype(np.float32), meta, config
 
 
-_META_KEYS = ("format_version", "config", "backbone_fingerprint", "n_train_patches")
+_META_KEYS = ("config", "backbone_fingerprint", "n_train_patches")  # format_version: _check_format
 
 
 def _is_number(value: object) -> bool:
