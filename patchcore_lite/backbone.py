@@ -25,7 +25,9 @@ Every backbone answers to the stage aliases ``layer1`` … ``layer4`` (strides 4
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ModelFileError, WeightsNotFoundError
+from .errors import ModelFileError, WeightsNotFoundError, check_choice, check_setting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,8 +74,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise WeightsNotFoundError(f"weights file {path} does not exist") from None
     except Exception as exc:  # torch raises several types for a bad or unsafe file
+        # Only the type: torch's text spans many lines and suggests weights_only=False, which could run code.
         raise ModelFileError(
-            f"cannot read weights file {path} as a plain state dict ({exc}). "
+            f"cannot read weights file {path} as a plain state dict ({type(exc).__name__}). "
             "Use a .pth file holding only tensors (torch.save(model.state_dict(), path))."
         ) from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
@@ -125,7 +128,7 @@ def _torchvision(name: str) -> tuple[Callable[[], nn.Module], Callable[[nn.Modul
         except Exception as exc:  # URLError offline, HTTP errors, partial downloads
             hub = Path(torch.hub.get_dir()) / "checkpoints"
             raise WeightsNotFoundError(
-                f"could not download the ImageNet weights of {name} ({exc}).\n"
+                f"could not download the ImageNet weights of {name} ({exc}). "
                 f"Offline? Copy the file {Path(weights.url).name} (from {weights.url}) into "
                 f"{hub}/ (set TORCH_HOME to move that cache), or pass weights_path=PATH "
                 f"(CLI: --weights PATH). The offline default backbone is efficientnet_lite0."
@@ -149,6 +152,30 @@ def _registry() -> dict[str, BackboneSpec]:
 
 
 BACKBONES: dict[str, BackboneSpec] = _registry()
+
+
+def check_backbone(name: str, layers: Sequence[str]) -> None:
+    """Refuse an unknown backbone or stage with a ConfigError, before any weights are loaded.
+
+    Stage aliases are checked by name; only a dotted module name needs the architecture
+    (built once per backbone, random weights).
+    """
+    check_choice("backbone", name, BACKBONES)
+    check_setting(not isinstance(layers, str) and len(layers) > 0, "layers", layers, "a non-empty list of stages")
+    stages = BACKBONES[name].stages
+    unknown = [layer for layer in layers if layer not in stages]
+    if unknown:
+        unknown = [layer for layer in unknown if layer not in _module_names(name)]
+    check_setting(
+        not unknown, "layers", tuple(layers), f"stages of {name} (unknown: {', '.join(map(str, unknown))}): "
+        f"the aliases {', '.join(stages)} or dotted module names of the network",
+    )
+
+
+@functools.cache
+def _module_names(name: str) -> frozenset[str]:
+    with torch.random.fork_rng():
+        return frozenset(module for module, _ in BACKBONES[name].build().named_modules())
 
 
 class _StopForward(Exception):
@@ -177,8 +204,7 @@ class Backbone(nn.Module):
         fold: bool = True,
     ) -> None:
         super().__init__()
-        if name not in BACKBONES:
-            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        check_backbone(name, layers)
         spec = BACKBONES[name]
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -188,20 +214,15 @@ class Backbone(nn.Module):
         self.name, self.layers, self.mean, self.std = name, tuple(layers), spec.mean, spec.std
         self.module_names = [spec.stages.get(layer, layer) for layer in self.layers]
         self._outputs: dict[str, torch.Tensor] = {}
-        self._hook(net, spec)
+        self._hook(net)
         net.eval().requires_grad_(False)
         self._fingerprint = _checksum(net)  # of the weights as loaded, before folding
         self.net = (fold_batchnorm(net) if fold else net).to(memory_format=torch.channels_last)
         self.channels, self.strides = self._probe()
 
-    def _hook(self, net: nn.Module, spec: BackboneSpec) -> None:
-        modules = dict(net.named_modules())
+    def _hook(self, net: nn.Module) -> None:
+        modules = dict(net.named_modules())  # every name exists: check_backbone
         for module_name in self.module_names:
-            if module_name not in modules:
-                raise ValueError(
-                    f"{self.name} has no stage {module_name!r}; use an alias "
-                    f"{sorted(spec.stages)} or a module name of the network"
-                )
             modules[module_name].register_forward_hook(self._save(module_name))
         # Drop the top-level modules that run after the last needed stage.
         order = [name for name, _ in net.named_children()]

@@ -79,9 +79,11 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .datasets import Preprocess
+from .errors import DataError, check_int, check_real
 from .metrics import evaluate
 from .model import Data, image_batches
 from .patches import patch_features
+from .pipeline import check_detector_config
 from .scoring import anomaly_maps
 
 PAPER_EPOCHS = 30
@@ -115,10 +117,18 @@ class CFAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.gamma_d < 1 or self.gamma_c < 1 or self.k < 1 or self.j < 0:
-            raise ValueError("gamma_d, gamma_c and k must be >= 1, j >= 0")
-        if self.epochs < 0 or self.batch_size < 1 or not 0 <= self.val_fraction < 1:
-            raise ValueError("need epochs >= 0, batch_size >= 1 and 0 <= val_fraction < 1")
+        """Refuse any setting out of range with a ConfigError, before a backbone is built."""
+        check_detector_config(self, self.layers)
+        for name, minimum in (("gamma_d", 1), ("gamma_c", 1), ("k", 1), ("j", 0), ("epochs", 0)):
+            check_int(name, getattr(self, name), minimum)
+        for name, ok, valid in (("alpha", lambda v: v >= 0, ">= 0"), ("nu", lambda v: v > 0, "> 0"),
+                                ("radius", lambda v: v >= 0, ">= 0"), ("lr", lambda v: v > 0, "> 0"),
+                                ("weight_decay", lambda v: v >= 0, ">= 0"),
+                                ("val_fraction", lambda v: 0 <= v < 1, "in [0, 1); 0 keeps the last epoch")):
+            check_real(name, getattr(self, name), ok, valid)
+        # Held-out normals without cut-paste anomalies would give a validation set with one class: no AUROC.
+        check_int("val_anomalies", self.val_anomalies, 1 if self.val_fraction > 0 else 0,
+                  " cut-paste copies per held-out image while val_fraction > 0 (or set val_fraction=0)")
 
 
 # ----------------------------------------------------------------------------- descriptor
@@ -293,8 +303,17 @@ def hypersphere_view(run: ToyRun, step: int, ax: Any = None) -> tuple[Any, dict[
 
 
 def split_indices(n: int, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(train, validation) indices: a seeded random ``fraction`` of n held out, at least one kept for training."""
-    n_val = min(round(n * fraction), n - 1) if n > 1 else 0
+    """(train, validation) indices: a seeded random ``fraction`` of n held out (rounded).
+
+    ``fraction`` > 0 that holds out no image, or every image, is a DataError naming the numbers:
+    silently skipping the model selection, or training on nothing, would be a wrong answer.
+    """
+    n_val = round(n * fraction)
+    if fraction > 0 and not 1 <= n_val < n:
+        raise DataError(
+            f"val_fraction = {fraction} of {n} training images holds out {n_val}: CFA needs at least 1 "
+            "held-out and 1 training image. Use more training images, another val_fraction, or val_fraction=0."
+        )
     order = np.random.default_rng(seed).permutation(n)
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 

@@ -12,24 +12,29 @@ import argparse
 import csv
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from . import __version__
+from .coreset import METHODS
 from .datasets import (
-    IMAGE_SUFFIXES,
     MTD_PREPROCESS,
     MVTEC_PREPROCESS,
     Preprocess,
     dataset_kind,
     find_categories,
+    list_images,
     load_image,
     train_test_samples,
 )
-from .errors import PatchCoreError
+from .errors import ConfigError, PatchCoreError
+from .knn import BACKENDS, INDEXES
 from .metrics import format_table, write_results
 from .model import PatchCore, PatchCoreConfig
-from .pipeline import Result, fit_evaluate
+from .patches import MODES
+from .pipeline import Result, check_test_set, fit_evaluate
+from .synthetic import CATEGORIES
 
 EPILOG = """\
 Folder layouts:
@@ -42,6 +47,13 @@ downloads torchvision weights, or --weights FILE), resnet18.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     d = PatchCoreConfig()
     g = p.add_argument_group("model settings (defaults follow the paper; see patchcore_lite/model.py)")
@@ -52,41 +64,62 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resize", type=int, help="shorter side before cropping (default: 256; MTD: whole tile to 224x224)")
     g.add_argument("--crop", type=int, help="center crop (default: 224; MTD: none)")
     g.add_argument("--patch-size", type=int, default=d.patch_size, help="neighbourhood p of eq. 1 (default: %(default)s)")
-    g.add_argument("--feature-mode", choices=["avgpool", "official"], default=d.feature_mode,
+    g.add_argument("--feature-mode", choices=MODES, default=d.feature_mode,
                    help="patch feature construction (default: %(default)s)")
     g.add_argument("--coreset-ratio", type=float, default=d.coreset_ratio,
                    help="fraction of patches kept in the memory bank (default: %(default)s)")
-    g.add_argument("--coreset-method", choices=["greedy", "random"], default=d.coreset_method,
+    g.add_argument("--coreset-method", choices=METHODS, default=d.coreset_method,
                    help="greedy k-center (Algorithm 1) or random subsampling (default: %(default)s)")
     g.add_argument("--no-reweight", action="store_true", help="image score = max patch distance (official code) "
                    "instead of the paper's eq. 7 reweighting")
-    g.add_argument("--knn", choices=["faiss", "torch"], default=d.knn_backend, help="search backend (default: %(default)s)")
-    g.add_argument("--knn-index", choices=["flat", "ivf", "ivfpq"], default=d.knn_index,
+    g.add_argument("--knn", choices=BACKENDS, default=d.knn_backend, help="search backend (default: %(default)s)")
+    g.add_argument("--knn-index", choices=INDEXES, default=d.knn_index,
                    help="flat = exact; ivf, ivfpq = approximate and faster, faiss only (default: %(default)s)")
-    g.add_argument("--nprobe", type=int, default=d.knn_nprobe,
-                   help="inverted lists searched per query by ivf/ivfpq (default: %(default)s)")
+    g.add_argument("--nprobe", type=int,
+                   help=f"inverted lists searched per query by ivf/ivfpq (default: {d.knn_nprobe})")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes coreset and data split (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)")
 
 
 def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
-    """Settings from the options; size defaults depend on the dataset kind."""
-    base = MTD_PREPROCESS if root is not None and dataset_kind(root) == "mtd" else MVTEC_PREPROCESS
+    """Settings from the options; size defaults depend on the dataset kind. Options that would be
+    ignored are refused: a run must do what its command line says."""
+    mtd = root is not None and dataset_kind(root) == "mtd"
+    if mtd and (args.resize is not None or args.crop is not None):
+        raise ConfigError(f"{root}: Magnetic Tile Defects tiles are resized whole to 224x224 (the paper's "
+                          "protocol), so --resize and --crop do not apply: drop them.")
+    if args.weights is not None and args.random_init:
+        raise ConfigError("--weights and --random-init exclude each other: random weights load no file.")
+    if args.nprobe is not None and args.knn_index == "flat":
+        raise ConfigError("--nprobe only applies to --knn-index ivf or ivfpq; flat search is exhaustive.")
+    base = MTD_PREPROCESS if mtd else MVTEC_PREPROCESS
     return PatchCoreConfig(
         backbone=args.backbone, layers=tuple(args.layers), pretrained=not args.random_init,
-        resize=args.resize or base.resize, crop=args.crop if args.crop is not None else base.crop,
+        resize=base.resize if args.resize is None else args.resize,
+        crop=base.crop if args.crop is None else args.crop,
         patch_size=args.patch_size, feature_mode=args.feature_mode, coreset_ratio=args.coreset_ratio,
         coreset_method=args.coreset_method, reweight=not args.no_reweight, knn_backend=args.knn,
-        knn_index=args.knn_index, knn_nprobe=args.nprobe, seed=args.seed, batch_size=args.batch_size,
+        knn_index=args.knn_index, knn_nprobe=PatchCoreConfig.knn_nprobe if args.nprobe is None else args.nprobe,
+        seed=args.seed, batch_size=args.batch_size,
     )
+
+
+def _checked_configs(roots: list[Path], args: argparse.Namespace) -> list[PatchCoreConfig]:
+    """Each category's settings, and its test set checked for both labels, before the first fit."""
+    configs = []
+    for root in roots:
+        configs.append(_config(args, root))
+        check_test_set(train_test_samples(root, seed=args.seed)[1], root)
+    return configs
 
 
 def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> list[Result]:
     """Fit and evaluate each category, writing results as each one finishes."""
     results, rows = [], []
+    configs = _checked_configs(roots, args)
     out.mkdir(parents=True, exist_ok=True)
-    for root in roots:
-        model = PatchCore(_config(args, root), weights_path=args.weights)
+    for root, config in zip(roots, configs):
+        model = PatchCore(config, weights_path=args.weights)
         print(f"\n== {root.name}: {model.config.backbone}, coreset {model.config.coreset_ratio:.0%}")
         result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures)
         results.append(result)
@@ -115,6 +148,7 @@ def _figures(result: Result, out: Path, preprocess: Preprocess) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .synthetic import ensure_synthetic
 
+    _config(args, None)  # bad settings fail before the data is generated
     root = ensure_synthetic()
     print(f"synthetic data (generated deterministically): {root}")
     roots = find_categories(root)
@@ -131,23 +165,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
+    if args.model.is_dir():
+        raise ConfigError(f"--model {args.model} is a folder: give the file to write, e.g. {args.model / 'model.npz'}")
     train, _ = train_test_samples(args.root, seed=args.seed)
     model = PatchCore(_config(args, args.root), weights_path=args.weights).fit(train)
     print(f"memory bank: {len(model.memory_bank)} of {model.n_train_patches} patches; saved {model.save(args.model)}")
 
 
-def _expand(paths: list[Path]) -> list[Path]:
-    files = []
-    for p in paths:
-        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
-    return files
-
-
 def cmd_predict(args: argparse.Namespace) -> None:
+    files = list_images(args.images)
     model = PatchCore.load(args.model, weights_path=args.weights)
-    files = _expand(args.images)
-    pred = model.predict(files)
     args.out.mkdir(parents=True, exist_ok=True)
+    pred = model.predict(files)
     with open(args.out / "scores.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "score"), *((str(p), f"{s:.6f}") for p, s in zip(files, pred.scores))])
     np.savez_compressed(args.out / "maps.npz", maps=pred.maps.astype(np.float16), paths=np.array([str(p) for p in files]))
@@ -163,7 +192,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m patchcore_lite",
         description="PatchCore anomaly detection (Roth et al., CVPR 2022): learn what normal looks like from "
         "defect-free images, then score new images and locate anomalies.",
@@ -175,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run end to end on the embedded synthetic data (seconds; start here)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder (default: %(default)s)")
-    p.add_argument("--category", nargs="*", help="only these synthetic categories")
+    p.add_argument("--category", nargs="*", choices=CATEGORIES, help="only these synthetic categories")
     _add_model_options(p)
     p.set_defaults(func=cmd_demo)
 
@@ -211,10 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command: 0 on success; a user error (bad input, or a file that cannot be read or
+    written) is one ``error:`` line on stderr and exit code 2, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except PatchCoreError as exc:
+    except (PatchCoreError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

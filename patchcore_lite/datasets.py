@@ -29,6 +29,7 @@ silently dropping it would change the dataset without the user noticing.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
-from .errors import DataError
+from .errors import DataError, check_setting
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -159,6 +160,45 @@ def _image_files(folder: Path) -> list[Path]:
         for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
+
+
+def _is_test_image(path: Path, folder: Path) -> bool:
+    """Whether a file found below ``folder`` is an image to score: see ``list_images``."""
+    parts = path.relative_to(folder).parts
+    return (
+        path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in parts)
+        and "ground_truth" not in parts[:-1]
+        and not path.stem.endswith("_mask")
+        and not (path.suffix.lower() == ".png" and any(path.with_suffix(s).is_file() for s in (".jpg", ".jpeg")))
+        and path.is_file()
+    )
+
+
+def list_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The images to score among files and folders, in order; folders are searched at any depth, sorted.
+
+    In a folder only files with a suffix in ``IMAGE_SUFFIXES`` count, and never hidden files or
+    folders (macOS ``._*`` forks), MVTec masks (``ground_truth/`` folders, ``*_mask.png``) or
+    Magnetic Tile Defects masks (a ``.png`` beside a ``.jpg`` of the same name). A file named
+    explicitly is kept (and checked when it is loaded). A missing path, or a folder with no
+    image, is a DataError naming it.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if _is_test_image(p, path))
+            if not found:
+                raise DataError(
+                    f"{path}: no images to score ({_describe(path)}); expected files ending in "
+                    f"{', '.join(IMAGE_SUFFIXES)} (masks and hidden files are skipped)."
+                )
+            files += found
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder.")
+    return files
 
 
 def _describe(folder: Path) -> str:
@@ -370,6 +410,8 @@ def validate_samples(samples: Iterable[Sample]) -> None:
     samples = list(samples)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         problems = [p for found in pool.map(_sample_problems, samples) for p in found]
+    if len(problems) == 1:  # one line, as every other error
+        raise DataError(f"{problems[0]} (1 problem in {len(samples)} images; nothing was computed)")
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise DataError(
@@ -381,8 +423,17 @@ def validate_samples(samples: Iterable[Sample]) -> None:
 # ----------------------------------------------------------------------------- tensors
 
 
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else size
+def _positive_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def check_size(resize: object, crop: object) -> None:
+    """Refuse a resize that is not a positive int or (h, w), or a crop that does not fit in it (ConfigError)."""
+    sides = list(resize) if isinstance(resize, (tuple, list)) else [resize] * 2
+    positive = len(sides) == 2 and all(_positive_int(v) for v in sides)
+    check_setting(positive, "resize", resize, "a positive int (shorter side) or a pair (h, w) of them")
+    fits = crop is None or (_positive_int(crop) and crop <= min(sides))  # type: ignore[operator]
+    check_setting(fits, "crop", crop, f"None or a positive int up to the resized size {min(sides)}")
 
 
 @dataclass(frozen=True)
@@ -401,15 +452,11 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         # Accept lists (as read back from JSON) but store tuples, so instances compare equal.
-        if not isinstance(self.resize, int):
+        check_size(self.resize, self.crop)
+        if not isinstance(self.resize, numbers.Integral):
             object.__setattr__(self, "resize", tuple(int(v) for v in self.resize))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        sides = _pair(self.resize)
-        if len(sides) != 2 or min(sides) <= 0:
-            raise ValueError(f"resize must be a positive int or (h, w), not {self.resize!r}")
-        if self.crop is not None and not 0 < self.crop <= min(sides):
-            raise ValueError(f"crop {self.crop} must be positive and fit in the resized size {self.resize!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std need three values each, std positive")
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import check_choice, check_setting
+
 BACKENDS = ("faiss", "torch")
 INDEXES = ("flat", "ivf", "ivfpq")
 
@@ -104,13 +106,11 @@ class NearestNeighbors:
 
 
 def check_search(backend: str, index: str) -> None:
-    """Refuse an unknown backend or index, or an approximate index on the exact torch backend."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if index not in INDEXES:
-        raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
-    if backend == "torch" and index != "flat":
-        raise ValueError("the torch backend is exact: use index='flat' (or backend='faiss')")
+    """Refuse an unknown backend or index, or an approximate index on the exact torch backend (ConfigError)."""
+    check_choice("knn_backend", backend, BACKENDS)
+    check_choice("knn_index", index, INDEXES)
+    check_setting(backend == "faiss" or index == "flat", "knn_index", index,
+                  "'flat' with knn_backend='torch': the torch backend is exact (ivf, ivfpq need faiss)")
 
 
 def _exact(queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int, tile: int) -> tuple[Tensor, Tensor]:

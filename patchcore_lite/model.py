@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -48,11 +48,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbone import Backbone
-from .coreset import select_coreset
+from .coreset import METHODS, STARTS, select_coreset
 from .datasets import ImageDataset, Preprocess, Sample, validate_samples
-from .errors import ModelFileError
+from .errors import ConfigError, ModelFileError, check_choice, check_int, check_real
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
+from .pipeline import check_detector_config
 from .scoring import anomaly_maps, image_scores, patch_scores
 
 FORMAT_VERSION = 1
@@ -88,13 +89,21 @@ class PatchCoreConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.feature_mode not in MODES:
-            raise ValueError(f"feature_mode must be one of {MODES}, got {self.feature_mode!r}")
-        if not 0 < self.coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.k < 1 or self.reweight_b < 1 or self.batch_size < 1 or self.knn_nprobe < 1:
-            raise ValueError("k, reweight_b, batch_size and knn_nprobe must be >= 1")
-        check_search(self.knn_backend, self.knn_index)  # before a fit, not after it
+        """Refuse any setting out of range with a ConfigError, before a backbone is built or a fit starts."""
+        check_detector_config(self, self.layers)
+        check_choice("feature_mode", self.feature_mode, MODES)
+        for name in ("patch_size", "patch_stride", "embed_dim", "target_dim", "projection_dim", "k", "knn_nprobe"):
+            check_int(name, getattr(self, name))
+        check_real("coreset_ratio", self.coreset_ratio, lambda v: 0 < v <= 1, "in (0, 1], the fraction of patches kept")
+        check_choice("coreset_method", self.coreset_method, METHODS)
+        eps = self.projection_eps
+        if eps is not None:
+            check_real("projection_eps", eps, lambda v: 0 < v < 1, "None (use projection_dim) or in (0, 1)")
+        check_choice("coreset_start", self.coreset_start, STARTS)
+        # Eq. 7 with b = 1: N_b(m*) holds m* alone, the weight is 1 - 1 = 0 and every image scores 0.
+        check_int("reweight_b", self.reweight_b, 2, " (eq. 7: b = 1 gives every image the score 0); "
+                  "reweight=False (CLI: --no-reweight) is eq. 6, no reweighting")
+        check_search(self.knn_backend, self.knn_index)
 
     @classmethod
     def from_dict(cls, values: dict) -> PatchCoreConfig:
@@ -203,6 +212,11 @@ class PatchCore:
             bank, c.coreset_ratio, c.coreset_method, c.projection_dim, c.projection_eps,
             c.coreset_start, c.seed, progress,
         )
+        if c.reweight and len(picks) < 2:  # eq. 7 would score every image 0 (scoring.image_scores)
+            raise ConfigError(
+                f"coreset_ratio = {c.coreset_ratio} keeps {len(picks)} of {len(bank)} training patches, but eq. 7 "
+                "needs at least 2: raise coreset_ratio, fit on more images, or set reweight=False (eq. 6)."
+            )
         self._set_bank(bank[picks].contiguous())
         self.fit_timings = {
             "features_s": extracted - start,
@@ -276,30 +290,41 @@ class PatchCore:
             "n_train_patches": self.n_train_patches,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, memory_bank=self.memory_bank.numpy(), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
-        os.replace(tmp, path)
+        # A new file in the same folder, renamed into place: an existing model is replaced whole or
+        # not at all. open() gives it the usual permissions (umask), where mkstemp would give 0600.
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "xb") as f:
+                np.savez(f, memory_bank=self.memory_bank.numpy(), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+            os.replace(tmp, path)
+        except BaseException:  # disk full, interrupted, path is a folder: leave nothing behind
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path: str | Path, weights_path: str | Path | None = None, device: str = "cpu") -> PatchCore:
-        """Read a model written by ``save``; refuse files of another format or backbone."""
+        """Read a model written by ``save``; refuse, with a ModelFileError naming the file, anything else.
+
+        The metadata, settings and bank are checked before the backbone is built; the bank's
+        width and the weights' fingerprint, which need the backbone, right after.
+        """
         path = Path(path)
-        bank, meta = _read_model_file(path)
-        try:
-            config = PatchCoreConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{path}: invalid settings ({exc})") from None
+        bank, meta, config = _read_model_file(path)
         model = cls(config, weights_path=weights_path, device=device)
-        if not np.isclose(model.backbone.fingerprint(), meta.get("backbone_fingerprint", -1), rtol=1e-9):
+        if not np.isclose(model.backbone.fingerprint(), meta["backbone_fingerprint"], rtol=1e-9):
             raise ModelFileError(
                 f"{path} was fit with other {config.backbone} weights than the ones loaded now "
                 "(pretrained vs random, or another weights file): load it with the same weights."
             )
-        if bank.ndim != 2 or not np.isfinite(bank).all():
-            raise ModelFileError(f"{path}: the memory bank is damaged (shape {bank.shape} or non-finite values)")
-        model.n_train_patches = int(meta.get("n_train_patches", len(bank)))
+        width = config.target_dim if config.feature_mode == "official" else sum(model.backbone.channels)
+        if bank.shape[1] != width:
+            raise ModelFileError(
+                f"{path}: the memory bank holds {bank.shape[1]}-dimensional features, but {config.backbone} "
+                f"{list(config.layers)} ({config.feature_mode}) gives {width}: the file is damaged or was "
+                "edited. Re-create it with `python -m patchcore_lite fit`."
+            )
+        model.n_train_patches = int(meta["n_train_patches"])
         model._set_bank(torch.from_numpy(bank))
         return model
 
@@ -318,11 +343,11 @@ def score_features(
     return scores, anomaly_maps(dist, tuple(size), config.sigma)
 
 
-def _read_model_file(path: Path) -> tuple[np.ndarray, dict]:
-    """Bank and metadata of a saved model, with a clear error for anything else."""
+def _read_model_file(path: Path) -> tuple[np.ndarray, dict, PatchCoreConfig]:
+    """Bank, metadata and settings of a saved model, with a ModelFileError for anything else."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            bank = f["memory_bank"].astype(np.float32)
+            bank = f["memory_bank"]
             meta = json.loads(f["meta"].tobytes().decode())
     except FileNotFoundError:
         raise ModelFileError(f"model file {path} does not exist") from None
@@ -331,11 +356,45 @@ def _read_model_file(path: Path) -> tuple[np.ndarray, dict]:
             f"{path} is not a PatchCore model file written by patchcore_lite ({type(exc).__name__}: {exc}). "
             "Re-create it with `python -m patchcore_lite fit`."
         ) from None
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    refit = "Re-create it with `python -m patchcore_lite fit`."
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: its metadata is a JSON {type(meta).__name__}, not an object: "
+                             f"not a model written by patchcore_lite. {refit}")
+    _check_format(path, meta)
+    missing = [key for key in _META_KEYS if key not in meta]
+    if missing:
+        raise ModelFileError(f"{path}: the metadata lacks {', '.join(missing)}: the file is damaged. {refit}")
+    try:
+        config = PatchCoreConfig.from_dict(meta["config"])
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ModelFileError(f"{path}: invalid settings ({exc}). {refit}") from None
+    if bank.ndim != 2 or 0 in bank.shape or bank.dtype.kind != "f" or not np.isfinite(bank).all():
         raise ModelFileError(
-            f"{path} has model format {version} (written by patchcore_lite "
-            f"{meta.get('package_version', '?')}); this is patchcore_lite {__version__}, which reads "
-            f"format {FORMAT_VERSION}. Re-fit the model with this version."
+            f"{path}: the memory bank is damaged: shape {bank.shape}, dtype {bank.dtype}, where a non-empty "
+            f"(M, D) array of finite floats is expected. {refit}"
         )
-    return bank, meta
+    fingerprint, n_train = meta["backbone_fingerprint"], meta["n_train_patches"]
+    if not (_is_number(fingerprint) and _is_number(n_train) and float(n_train).is_integer() and n_train >= len(bank)):
+        raise ModelFileError(f"{path}: backbone_fingerprint {fingerprint!r} or n_train_patches {n_train!r} "
+                             f"is not a number (at least the bank's {len(bank)}). {refit}")
+    return bank.astype(np.float32), meta, config
+
+
+_META_KEYS = ("config", "backbone_fingerprint", "n_train_patches")  # format_version: _check_format
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_format(path: Path, meta: dict) -> None:
+    """Refuse a model format this version cannot read: a newer one, or no valid version at all."""
+    version = meta.get("format_version")
+    if version == FORMAT_VERSION:
+        return
+    newer = _is_number(version) and version > FORMAT_VERSION  # type: ignore[operator]
+    fix = "upgrade patchcore_lite (pip install -U patchcore-lite) or re-fit" if newer else "re-fit"
+    raise ModelFileError(
+        f"{path} has model format {version!r} (written by patchcore_lite {meta.get('package_version', '?')}); "
+        f"this is patchcore_lite {__version__}, which reads format {FORMAT_VERSION}: {fix} the model with this version."
+    )

@@ -38,8 +38,10 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .datasets import Preprocess
+from .errors import check_int, check_real, check_setting
 from .model import Data, image_batches
 from .patches import patch_features
+from .pipeline import check_detector_config
 from .scoring import anomaly_maps
 
 _CHUNK = 512  # grid positions per covariance batch
@@ -61,8 +63,11 @@ class PadimConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if (self.d is not None and self.d < 1) or self.eps <= 0 or self.batch_size < 1:
-            raise ValueError(f"need d >= 1, eps > 0 and batch_size >= 1; got {self.d}, {self.eps}, {self.batch_size}")
+        """Refuse any setting out of range with a ConfigError, before a backbone is built."""
+        check_detector_config(self, self.layers)
+        if self.d is not None:
+            check_int("d", self.d, 1, " (random channels kept), or None for all")
+        check_real("eps", self.eps, lambda v: v > 0, "> 0 (covariance regularisation, paper: 0.01)")
 
 
 def covariance(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,8 +126,7 @@ class Padim:
         self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
         self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
         total = sum(self.backbone.channels)
-        if c.d is not None and c.d > total:
-            raise ValueError(f"d = {c.d} but {c.backbone} {list(c.layers)} give only {total} channels")
+        check_setting(c.d is None or c.d <= total, "d", c.d, f"at most {total}, the channels of {c.backbone} {list(c.layers)}")
         # Sec. 4.2: one random channel subset, fixed for training and testing.
         generator = torch.Generator().manual_seed(c.seed)
         keep = torch.randperm(total, generator=generator)[: c.d or total]

@@ -9,15 +9,18 @@ first image is processed, so bad input costs seconds, never a finished fit.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .datasets import ImageDataset, Preprocess, Sample, train_test_samples, validate_samples
+from .backbone import check_backbone
+from .datasets import ImageDataset, Preprocess, Sample, check_size, train_test_samples, validate_samples
+from .errors import DataError, check_int, check_real
 from .metrics import evaluate as compute_metrics
 
 
@@ -27,6 +30,27 @@ class Detector(Protocol):
     def fit(self, data: object, progress: bool = True) -> object: ...
 
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def check_detector_config(config: Any, layers: Sequence[str]) -> None:
+    """The settings every detector's config shares (backbone, ``layers``, sizes, sigma, seed,
+    batch size), checked when the config is built: a ConfigError names the first bad one."""
+    check_backbone(config.backbone, layers)
+    check_size(config.resize, config.crop)
+    check_real("sigma", config.sigma, lambda v: v > 0, "> 0 (the anomaly map's Gaussian blur, paper: 4)")
+    check_int("seed", config.seed, 0)
+    check_int("batch_size", config.batch_size)
+
+
+def check_test_set(test: Sequence[Sample], where: str | Path) -> None:
+    """Refuse a test set without both normal and anomalous images: its AUROC is undefined."""
+    labels = {s.label for s in test}
+    if labels != {0, 1}:
+        kind = "normal" if labels == {0} else "anomalous"
+        raise DataError(
+            f"{where}: the test set has only {kind} images ({len(test)}), so AUROC is undefined; "
+            "add normal (test/good/) and defective (test/<defect>/) test images."
+        )
 
 
 @dataclass
@@ -61,6 +85,7 @@ def evaluate(
     Samples are checked first; an ``ImageDataset`` is taken as already checked.
     """
     if not isinstance(test, ImageDataset):
+        check_test_set(test, name or "test samples")
         validate_samples(test)
         test = ImageDataset(test, detector.preprocess)
     samples = test.samples
@@ -98,9 +123,12 @@ def fit_evaluate(
     keep_maps: bool = False,
     batch_size: int = 8,
 ) -> Result:
-    """Fit on ``root``'s normal training images, then evaluate on its test set."""
+    """Fit on ``root``'s normal training images, then evaluate on its test set.
+
+    The test set's labels and every file are checked first: a problem never surfaces after the fit."""
     train, test = train_test_samples(root, seed=seed)
-    validate_samples(train + test)  # a bad test image must not surface after the fit
+    check_test_set(test, root)
+    validate_samples(train + test)
     start = time.perf_counter()
     detector.fit(ImageDataset(train, detector.preprocess), progress=progress)
     fit_seconds = time.perf_counter() - start

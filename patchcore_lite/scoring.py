@@ -10,6 +10,9 @@
   ``m*`` (m* included, as anomalib does). A test patch whose nearest neighbour
   sits in a sparse region of the bank is trusted more. The paper uses it; the
   official code does not (its issues #27, #54). Default here: on, b = 9.
+  b must be at least 2: N_1(m*) = {m*}, so b = 1 makes the weight 1 - 1 = 0 and
+  every image scores 0. anomalib takes b = 1 to mean "no reweighting"; here it is
+  refused (``PatchCoreConfig``, ``image_scores``) and ``reweight=False`` is eq. 6.
 * Anomaly map: patch scores upsampled bilinearly to the input size and
   smoothed by a Gaussian of sigma = 4 (Sec. 3.3), as the official code does with
   ``scipy.ndimage.gaussian_filter``; ours is separable and matches it.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import check_int
 from .knn import NearestNeighbors
 
 
@@ -43,12 +47,15 @@ def image_scores(
     """Eq. 6 (``reweight=False``) or eq. 7: one score per image, shape (B,).
 
     ``features`` (B, H, W, D), ``scores`` and ``nearest`` (B, H, W) come from
-    ``patch_scores``.
+    ``patch_scores``. Eq. 7 needs b >= 2 and a bank of at least 2 vectors (N_b(m*) is
+    capped at the bank's size); anything less would score every image 0, so it is refused.
     """
     flat = scores.flatten(1)
     s_star, where = flat.max(dim=1)
     if not reweight:
         return s_star
+    check_int("reweight_b", b, 2, " (eq. 7: b = 1 gives every image the score 0); reweight=False is eq. 6")
+    check_int("memory bank size for eq. 7", len(index.bank), 2, ": raise coreset_ratio or use reweight=False")
     batch = torch.arange(len(flat))
     m_test = features.flatten(1, 2)[batch, where]  # (B, D) most anomalous patches
     m_star = index.bank[nearest.flatten(1)[batch, where]]  # (B, D) their nearest bank patches
@@ -58,10 +65,11 @@ def image_scores(
 
 
 def reweight_factor(dist: torch.Tensor) -> torch.Tensor:
-    """Eq. 7's weight ``1 - softmax(dist)[0]`` for distances (B, b), m* in column 0.
+    """Eq. 7's weight ``1 - softmax(dist)[0]`` for distances (B, b), m* in column 0 (b >= 2).
 
     Column 0 is the smallest distance, so the weight lies in [1 - 1/b, 1):
     reweighting never raises a score. softmax keeps exp() from overflowing.
+    Only ``image_scores`` calls it, after refusing b < 2.
     """
     return 1 - torch.softmax(dist, dim=1)[:, 0]
 

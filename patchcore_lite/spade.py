@@ -36,8 +36,10 @@ import torch
 
 from .backbone import Backbone
 from .datasets import Preprocess
-from .knn import NearestNeighbors
+from .errors import check_choice, check_int
+from .knn import BACKENDS, NearestNeighbors
 from .model import Data, image_batches
+from .pipeline import check_detector_config
 from .patches import patch_features
 from .scoring import anomaly_maps
 
@@ -61,8 +63,11 @@ class SpadeConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.k < 1 or self.kappa < 1 or self.batch_size < 1:
-            raise ValueError(f"k, kappa and batch_size must be >= 1, got {self.k}, {self.kappa}, {self.batch_size}")
+        """Refuse any setting out of range with a ConfigError, before a backbone is built."""
+        check_detector_config(self, (*self.pixel_layers, self.image_layer))
+        check_int("k", self.k)
+        check_int("kappa", self.kappa)
+        check_choice("knn_backend", self.knn_backend, BACKENDS)
 
 
 class Spade:

@@ -6,8 +6,8 @@ from urllib.error import URLError
 import pytest
 import torch
 
-from patchcore_lite.backbone import Backbone
-from patchcore_lite.errors import ModelFileError, WeightsNotFoundError
+from patchcore_lite.backbone import Backbone, check_backbone
+from patchcore_lite.errors import ConfigError, ModelFileError, WeightsNotFoundError
 
 
 @pytest.mark.parametrize(
@@ -47,10 +47,15 @@ def test_offline_efficientnet_weights_load():
 
 
 def test_unknown_names_are_explained():
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ConfigError, match="backbone = 'vgg99': must be one of efficientnet_lite0, "):
         Backbone("vgg99")
-    with pytest.raises(ValueError, match="no stage 'layer9'"):
+    with pytest.raises(ConfigError, match=r"stages of resnet18 \(unknown: layer9\)"):
         Backbone("resnet18", layers=("layer9",), pretrained=False)
+    with pytest.raises(ConfigError, match="unknown: blocks.99"):
+        check_backbone("efficientnet_lite0", ("layer2", "blocks.99"))
+    with pytest.raises(ConfigError, match="non-empty"):
+        check_backbone("resnet18", ())
+    check_backbone("efficientnet_lite0", ("blocks.3", "layer3"))  # a module name, checked on the architecture
 
 
 def _resnet_stages(net: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ from patchcore_lite.cfa import (
     split_indices,
 )
 from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.errors import ConfigError, DataError
 from patchcore_lite.pipeline import evaluate, fit_evaluate
 
 
@@ -145,7 +146,7 @@ def test_score_batch_shapes_and_errors():
         _tiny().score_batch(_images(1))
     with pytest.raises(ValueError, match="empty"):
         _tiny().fit(torch.empty(0, 3, 64, 64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="val_fraction = 1.0: must be in"):
         CFAConfig(val_fraction=1.0)
     scores, maps = _tiny().fit(_images(3), progress=False).score_batch(_images(2, seed=1))
     assert scores.shape == (2,) and maps.shape == (2, 64, 64)
@@ -156,7 +157,7 @@ def test_split_and_cut_paste():
     train, val = split_indices(10, 0.2, seed=3)
     assert len(val) == 2 and sorted(train + val) == list(range(10))
     assert split_indices(10, 0.2, seed=3) == (train, val)
-    assert split_indices(1, 0.5) == ([0], [])
+    assert split_indices(1, 0.0) == ([0], [])
     images = _images(3)
     pasted, masks = cut_paste(images, copies=2, seed=0)
     assert pasted.shape == (6, 3, 64, 64) and masks.shape == (6, 64, 64)
@@ -194,3 +195,15 @@ def test_reduced_hazelnut_end_to_end(mvtec_reduced):
     assert result.metrics["image_auroc"] >= 0.8
     assert result.metrics["pixel_auroc"] >= 0.96
     assert result.metrics["aupro"] >= 0.9
+
+
+def test_validation_split_that_cannot_work_is_refused_before_training():
+    with pytest.raises(ConfigError, match="val_anomalies = 0.*val_fraction"):
+        CFAConfig(val_anomalies=0)  # held-out normals only: no validation AUROC
+    CFAConfig(val_anomalies=0, val_fraction=0.0)  # no validation split: nothing to paste
+    model = _tiny(val_fraction=0.2)
+    model.extract = None  # any feature extraction would fail: the refusal must come first
+    with pytest.raises(DataError, match="val_fraction = 0.2 of 2 training images holds out 0"):
+        model.fit(_images(2), progress=False)
+    with pytest.raises(DataError, match="val_fraction = 0.9 of 2 training images holds out 2"):
+        _tiny(val_fraction=0.9).fit(_images(2), progress=False)

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_datasets import make_category, make_mtd, write_image
 
 from patchcore_lite.cli import build_parser, main
 from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.errors import DataError
 from patchcore_lite.model import PatchCore
+from patchcore_lite.pipeline import fit_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +20,15 @@ def category(synthetic_root: Path) -> Path:
     return sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
 
 
-def test_fit_then_predict_scores_anomalies_above_normals(category: Path, tmp_path: Path):
-    model_file, out = tmp_path / "m.npz", tmp_path / "pred"
-    assert main(["fit", str(category), "--model", str(model_file), "--coreset-ratio", "0.05"]) == 0
+@pytest.fixture(scope="module")
+def model_file(category: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "m.npz"
+    assert main(["fit", str(category), "--model", str(path), "--coreset-ratio", "0.05"]) == 0
+    return path
+
+
+def test_fit_then_predict_scores_anomalies_above_normals(category: Path, model_file: Path, tmp_path: Path):
+    out = tmp_path / "pred"
     _, test = train_test_samples(category)
     normal = next(s.path for s in test if s.label == 0)
     anomalous = next(s.path for s in test if s.label == 1)
@@ -50,8 +59,80 @@ def test_options_reach_the_config(category: Path):
     assert PatchCore(config, pretrained=False).config.knn_nprobe == 16
 
 
-def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path: Path, capsys):
+def test_predict_on_a_category_folder_scores_its_images_not_its_masks(model_file: Path, tmp_path: Path):
+    widget = make_category(tmp_path / "widget")
+    (widget / "test" / "good" / "._000.png").write_bytes(b"macOS resource fork")
+    write_image(widget / ".cache" / "thumb.png")
+    out = tmp_path / "pred"
+    assert main(["predict", str(tmp_path), "--model", str(model_file), "--out", str(out)]) == 0
+    with open(out / "scores.csv") as f:
+        scored = [Path(row[0]) for row in list(csv.reader(f))[1:]]
+    images = [s.path for s in train_test_samples(widget)[0] + train_test_samples(widget)[1]]
+    assert sorted(scored) == sorted(images)  # 8 images; no mask, no hidden file
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path: Path, model_file: Path, capsys):
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
-    assert str(tmp_path / "nowhere") in capsys.readouterr().err
-    assert main(["predict", str(tmp_path), "--model", str(tmp_path / "missing.npz")]) == 2
-    assert "missing.npz" in capsys.readouterr().err
+    assert str(tmp_path / "nowhere") in _one_error_line(capsys)
+    assert main(["predict", str(model_file), "--model", str(tmp_path / "missing.npz")]) == 2
+    assert "missing.npz" in _one_error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tmp_path / "empty"), "--model", str(model_file)]) == 2
+    assert f"{tmp_path / 'empty'}: no images to score" in _one_error_line(capsys)
+    (tmp_path / "file").write_text("")
+    assert main(["predict", str(model_file), "--model", str(model_file), "--out", str(tmp_path / "file")]) == 2
+    assert "File exists" in _one_error_line(capsys)  # an OSError is a user error too
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--coreset-ratio", "0"], "coreset_ratio = 0.0: must be in"),
+    (["--crop", "0"], "crop = 0: must be None or a positive int"),
+    (["--resize", "0"], "resize = 0: must be a positive int"),
+    (["--backbone", "vgg"], "backbone = 'vgg': must be one of efficientnet_lite0"),
+    (["--layers", "layer9"], "unknown: layer9"),
+    (["--patch-size", "-1"], "patch_size = -1"),
+    (["--seed", "-2"], "seed = -2"),
+    (["--nprobe", "8"], "--nprobe only applies to --knn-index ivf"),
+    (["--knn-index", "ivf", "--nprobe", "0"], "knn_nprobe = 0"),
+    (["--knn", "torch", "--knn-index", "ivf"], "torch backend is exact"),
+    (["--random-init", "--weights", "w.pth"], "--weights and --random-init exclude each other"),
+])
+def test_bad_settings_are_one_line_before_any_work(options: list[str], message: str, tmp_path: Path, capsys,
+                                                   monkeypatch):
+    monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("fit started"))
+    widget = make_category(tmp_path / "widget")
+    out = str(tmp_path / "out")
+    for command in (["fit", str(widget), "--model", str(tmp_path / "m.npz")], ["evaluate", str(widget), "--out", out],
+                    ["demo", "--out", out]):
+        assert main([*command, *options]) == 2
+        assert message in _one_error_line(capsys)
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(capsys):
+    for argv in (["fit", "x", "--model", "m.npz", "--crop", "abc"], ["demo", "--category", "bottle"], ["nonsense"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "(see python -m patchcore_lite" in _one_error_line(capsys)
+
+
+def test_magnetic_tiles_refuse_resize_and_crop(tmp_path: Path, capsys):
+    mtd = make_mtd(tmp_path / "mtd")
+    for option in ("--resize", "--crop"):
+        assert main(["evaluate", str(mtd), option, "200", "--out", str(tmp_path)]) == 2
+        assert "resized whole to 224x224" in _one_error_line(capsys)
+
+
+def test_a_test_set_without_anomalies_is_refused_before_the_fit(tmp_path: Path, capsys, monkeypatch):
+    good_only = make_category(tmp_path / "good_only", defects={})
+    monkeypatch.setattr(PatchCore, "fit", lambda *a, **k: pytest.fail("fit started"))
+    assert main(["evaluate", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "good_only: the test set has only normal images (2), so AUROC is undefined" in _one_error_line(capsys)
+    with pytest.raises(DataError, match="only normal images"):
+        fit_evaluate(PatchCore(pretrained=False), good_only)

@@ -18,6 +18,7 @@ from patchcore_lite.datasets import (
     Sample,
     dataset_kind,
     find_categories,
+    list_images,
     load_image,
     load_mask,
     magnetic_tile_samples,
@@ -65,6 +66,38 @@ def make_mtd(root: Path, n_free: int = 10, defects: dict[str, int] | None = None
             write_image(imgs / f"exp{i}_num_{i}.jpg", np.full((20, 30), 120, np.uint8))
             write_image(imgs / f"exp{i}_num_{i}.png", np.zeros((20, 30), np.uint8))
     return root
+
+
+# ----------------------------------------------------------------------------- images to score
+
+
+def test_list_images_scores_images_only_never_masks_or_hidden_files(tmp_path):
+    category = make_category(tmp_path / "widget")
+    (category / "test" / "good" / "._000.png").write_bytes(b"macOS resource fork")
+    (category / "test" / "notes.txt").write_text("not an image")
+    write_image(category / ".thumbnails" / "000.png")
+    write_image(category / "test" / "scratch" / "000_mask.png")  # a mask outside ground_truth/
+    mtd = make_mtd(tmp_path / "mtd", n_free=2, defects={"Crack": 1})
+    single = write_image(tmp_path / "single.PNG")
+
+    in_category = ["test/good/000.png", "test/good/001.png", "test/hole/000.png", "test/scratch/000.png",
+                   "test/scratch/001.png", "train/good/000.png", "train/good/001.png", "train/good/002.png"]
+    in_mtd = ["MT_Crack/Imgs/exp0_num_0.jpg", "MT_Free/Imgs/exp0_num_0.jpg", "MT_Free/Imgs/exp1_num_1.jpg"]
+    assert list_images([category, mtd, single]) == [
+        *(category / f for f in in_category), *(mtd / f for f in in_mtd), single  # MTD: the .png beside a .jpg is its mask
+    ]
+
+
+def test_list_images_refuses_missing_paths_and_folders_without_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: no images to score \(it is empty\)"):
+        list_images([tmp_path / "empty"])
+    masks_only = tmp_path / "masks"
+    write_mask(masks_only / "ground_truth" / "crack" / "000_mask.png")
+    with pytest.raises(DataError, match="masks: no images to score"):
+        list_images([masks_only])
+    with pytest.raises(DataError, match="nowhere.png: no such file or folder"):
+        list_images([tmp_path / "nowhere.png"])
 
 
 # ----------------------------------------------------------------------------- MVTec layout
@@ -322,6 +355,14 @@ def test_validate_samples_reports_every_problem_at_once(tmp_path):
     assert str(root / "ground_truth" / "scratch" / "001_mask.png") in message
     assert str(cut) in message
     validate_samples(mvtec_samples(root, "train"))  # the good ones pass
+
+
+def test_one_problem_is_one_line(tmp_path):
+    image = write_image(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"junk")
+    with pytest.raises(DataError) as err:
+        validate_samples([Sample(image, 0, "good", None), Sample(tmp_path / "b.png", 0, "good", None)])
+    assert "\n" not in str(err.value) and str(err.value).endswith("(1 problem in 2 images; nothing was computed)")
 
 
 def test_validate_samples_checks_the_mask_of_a_broken_image(tmp_path):

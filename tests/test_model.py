@@ -1,6 +1,8 @@
 """PatchCore end to end: fit, predict, save/load, and its guards."""
 
 import json
+import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from patchcore_lite.datasets import ImageDataset, train_test_samples
-from patchcore_lite.errors import DataError, ModelFileError
+from patchcore_lite.errors import ConfigError, DataError, ModelFileError
 from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.metrics import image_auroc
 from patchcore_lite.model import PatchCore, PatchCoreConfig, score_features
@@ -107,7 +109,7 @@ def test_model_files_from_elsewhere_are_refused(fitted, tmp_path: Path):
 
     other_version = tmp_path / "v99.npz"
     _rewrite_meta(good, other_version, lambda m: m.update(format_version=99, package_version="9.9"))
-    with pytest.raises(ModelFileError, match="format 99.*9.9"):
+    with pytest.raises(ModelFileError, match="format 99 .*9.9"):
         PatchCore.load(other_version)
 
     other_weights = tmp_path / "weights.npz"
@@ -129,23 +131,127 @@ def test_model_files_from_elsewhere_are_refused(fitted, tmp_path: Path):
         PatchCore.load(tmp_path / "missing.npz")
 
 
-def test_save_is_atomic(fitted, tmp_path: Path):
+def _write_model(path: Path, bank: np.ndarray, meta: object) -> Path:
+    np.savez(path, memory_bank=bank, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    return path
+
+
+def _good_parts(fitted, tmp_path: Path) -> tuple[np.ndarray, dict]:
+    with np.load(fitted[0].save(tmp_path / "good.npz")) as f:
+        return f["memory_bank"], json.loads(f["meta"].tobytes())
+
+
+def _damage(bank: np.ndarray, meta: dict, case: str) -> tuple[np.ndarray, object]:
+    """A hand-made damaged or foreign model file's contents for each case."""
+    config = meta["config"]
+    return {
+        "meta is a list": (bank, [meta]),
+        "unknown backbone": (bank, {**meta, "config": {**config, "backbone": "vgg16"}}),
+        "unknown layer": (bank, {**meta, "config": {**config, "layers": ["layer2", "layer9"]}}),
+        "settings out of range": (bank, {**meta, "config": {**config, "reweight_b": 1}}),
+        "empty bank": (bank[:0], meta),
+        "1-d bank": (bank[0], meta),
+        "integer bank": (bank.astype(np.int64), meta),
+        "non-finite bank": (np.where(np.arange(bank.shape[1]) == 3, np.nan, bank).astype(np.float32), meta),
+        "missing config": (bank, {k: v for k, v in meta.items() if k != "config"}),
+        "missing fingerprint": (bank, {k: v for k, v in meta.items() if k != "backbone_fingerprint"}),
+        "count not a number": (bank, {**meta, "n_train_patches": "many"}),
+        "newer format": (bank, {**meta, "format_version": 2, "package_version": "0.9.0"}),
+        "no format": (bank, {k: v for k, v in meta.items() if k != "format_version"}),
+    }[case]
+
+
+_EXPECTED = {
+    "meta is a list": "metadata is a JSON list, not an object",
+    "unknown backbone": r"invalid settings \(backbone = 'vgg16': must be one of",
+    "unknown layer": r"invalid settings \(layers = .*unknown: layer9",
+    "settings out of range": r"invalid settings \(reweight_b = 1",
+    "empty bank": r"memory bank is damaged: shape \(0, 152\)",
+    "1-d bank": r"memory bank is damaged: shape \(152,\)",
+    "integer bank": "memory bank is damaged: .*dtype int64",
+    "non-finite bank": "memory bank is damaged",
+    "missing config": "metadata lacks config",
+    "missing fingerprint": "metadata lacks backbone_fingerprint",
+    "count not a number": "n_train_patches 'many' is not a number",
+    "newer format": r"model format 2 \(written by patchcore_lite 0.9.0\).*reads format 1: upgrade patchcore_lite",
+    "no format": "model format None .*: re-fit",
+}
+
+
+@pytest.mark.parametrize("case", list(_EXPECTED))
+def test_damaged_or_foreign_model_files_are_refused_before_the_backbone_is_built(
+    case: str, fitted, tmp_path: Path, monkeypatch
+):
+    bank, meta = _damage(*_good_parts(fitted, tmp_path), case)
+    path = _write_model(tmp_path / "damaged.npz", bank, meta)
+    monkeypatch.setattr("patchcore_lite.model.Backbone", lambda *a, **k: pytest.fail("backbone built"))
+    with pytest.raises(ModelFileError, match=f"{path}.*{_EXPECTED[case]}"):
+        PatchCore.load(path)
+
+
+def test_a_bank_of_the_wrong_width_is_refused(fitted, tmp_path: Path):
+    bank, meta = _good_parts(fitted, tmp_path)
+    path = _write_model(tmp_path / "wide.npz", np.hstack([bank, bank[:, :1]]), meta)
+    with pytest.raises(ModelFileError, match=r"wide.npz: the memory bank holds 153-dimensional features, .* gives 152"):
+        PatchCore.load(path)
+
+
+def test_save_is_atomic_with_normal_permissions(fitted, tmp_path: Path):
     model, _, _ = fitted
-    path = model.save(tmp_path / "m.npz")
+    old_umask = os.umask(0o022)
+    try:
+        path = model.save(tmp_path / "m.npz")
+    finally:
+        os.umask(old_umask)
     assert zipfile.is_zipfile(path) and not list(tmp_path.glob("*.tmp"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # as any file written under that umask
+
+
+def test_a_failed_save_leaves_the_existing_model_untouched(fitted, tmp_path: Path, monkeypatch):
+    model, _, _ = fitted
+    path = tmp_path / "m.npz"
+    path.write_bytes(b"the model from yesterday")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save(path)
+    assert path.read_bytes() == b"the model from yesterday"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"coreset_ratio": 0}, r"coreset_ratio = 0: must be in \(0, 1\]"),
+    ({"coreset_ratio": 1.5}, "coreset_ratio = 1.5"),
+    ({"feature_mode": "max"}, "feature_mode = 'max': must be one of avgpool, official"),
+    ({"knn_backend": "torch", "knn_index": "ivf"}, "torch backend is exact"),
+    ({"knn_index": "hnsw"}, "knn_index = 'hnsw': must be one of flat, ivf, ivfpq"),
+    ({"knn_backend": "annoy"}, "knn_backend = 'annoy': must be one of faiss, torch"),
+    ({"knn_nprobe": 0}, "knn_nprobe = 0"),
+    ({"backbone": "vgg"}, "backbone = 'vgg': must be one of efficientnet_lite0"),
+    ({"layers": ("layer9",)}, "unknown: layer9"),
+    ({"layers": ()}, "layers = .*non-empty"),
+    ({"crop": 0}, "crop = 0: must be None or a positive int up to the resized size 256"),
+    ({"resize": (224, -1)}, "resize = "),
+    ({"sigma": 0.0}, "sigma = 0.0: must be > 0"),
+    ({"sigma": -4}, "sigma = -4"),
+    ({"k": 0}, "k = 0: must be an integer >= 1"),
+    ({"reweight_b": 0}, "reweight_b = 0"),
+    ({"reweight_b": 1}, r"reweight_b = 1: must be an integer >= 2 \(eq. 7: .* reweight=False"),
+    ({"patch_size": 0}, "patch_size = 0"),
+    ({"batch_size": 2.5}, "batch_size = 2.5"),
+    ({"seed": -1}, "seed = -1: must be an integer >= 0"),
+    ({"coreset_method": "kmeans"}, "coreset_method = 'kmeans': must be one of greedy, random"),
+    ({"projection_eps": 2.0}, "projection_eps = 2.0"),
+])
+def test_bad_settings_are_refused_when_the_config_is_built(settings: dict, message: str):
+    with pytest.raises(ConfigError, match=message):
+        PatchCoreConfig(**settings)
 
 
 def test_unfitted_model_and_bad_settings():
-    with pytest.raises(ValueError, match="coreset_ratio"):
-        PatchCoreConfig(coreset_ratio=0)
-    with pytest.raises(ValueError, match="feature_mode"):
-        PatchCoreConfig(feature_mode="max")
-    with pytest.raises(ValueError, match="torch backend is exact"):  # refused before any fit
-        PatchCoreConfig(knn_backend="torch", knn_index="ivf")
-    with pytest.raises(ValueError, match="index must be"):
-        PatchCoreConfig(knn_index="hnsw")
-    with pytest.raises(ValueError, match="knn_nprobe"):
-        PatchCoreConfig(knn_nprobe=0)
     model = PatchCore(pretrained=False)
     with pytest.raises(RuntimeError, match="fit"):
         model.predict(torch.zeros(1, 3, 64, 64))

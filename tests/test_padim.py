@@ -5,8 +5,9 @@ import pytest
 import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
+from patchcore_lite.errors import ConfigError
 from patchcore_lite.metrics import image_auroc
-from patchcore_lite.padim import Padim, covariance, mahalanobis, precision_matrices
+from patchcore_lite.padim import Padim, PadimConfig, covariance, mahalanobis, precision_matrices
 from patchcore_lite.pipeline import fit_evaluate
 
 
@@ -105,6 +106,9 @@ def test_needs_two_images_and_fit():
         Padim(pretrained=False, d=20).score_batch(_images(1, 0))
     with pytest.raises(ValueError, match="at least 2"):
         covariance(torch.zeros(1, 4, 3), eps=0.01)
+    for bad in ({"eps": 0}, {"d": 0}, {"sigma": -1.0}, {"crop": 512}):
+        with pytest.raises(ConfigError, match=f"{next(iter(bad))} = "):
+            PadimConfig(**bad)
 
 
 def test_separates_synthetic_anomalies(synthetic_root):

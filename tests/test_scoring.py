@@ -5,7 +5,9 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
+from patchcore_lite.errors import ConfigError
 from patchcore_lite.knn import NearestNeighbors
+from patchcore_lite.model import PatchCoreConfig
 from patchcore_lite.scoring import anomaly_maps, gaussian_blur, image_scores, patch_scores, reweight_factor
 
 
@@ -62,10 +64,25 @@ def test_reweighting_never_raises_a_score():
     index = NearestNeighbors(bank, backend="torch")
     dist, nearest = patch_scores(feats, index)
     plain = image_scores(feats, dist, nearest, index, reweight=False)
-    for b in (1, 2, 9, 50):
+    for b in (2, 9, 50):
         weighted = image_scores(feats, dist, nearest, index, reweight=True, b=b)
         assert (weighted <= plain).all()
         assert (weighted >= plain * (1 - 1 / b) - 1e-6).all()
+
+
+def test_eq7_refuses_what_would_score_every_image_0():
+    """b = 1, or a one-vector bank, leaves m* alone in N_b(m*): weight 1 - 1 = 0 for every image."""
+    bank, feats, index = _toy()
+    dist, nearest = patch_scores(feats, index)
+    assert torch.equal(reweight_factor(torch.tensor([[3.0]])), torch.zeros(1))  # what b = 1 would give
+    with pytest.raises(ConfigError, match="reweight_b = 1.*reweight=False is eq. 6"):
+        image_scores(feats, dist, nearest, index, reweight=True, b=1)
+    tiny = NearestNeighbors(bank[:1], backend="torch")
+    d1, n1 = patch_scores(feats, tiny)
+    with pytest.raises(ConfigError, match="memory bank size for eq. 7 = 1"):
+        image_scores(feats, d1, n1, tiny, reweight=True, b=9)
+    with pytest.raises(ConfigError, match="reweight_b = 1"):
+        PatchCoreConfig(reweight_b=1)
 
 
 def test_reweight_factor_bounds_and_overflow():

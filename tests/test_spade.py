@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from patchcore_lite.errors import ConfigError
 from patchcore_lite.metrics import image_auroc
 from patchcore_lite.pipeline import fit_evaluate
 from patchcore_lite.scoring import anomaly_maps
-from patchcore_lite.spade import Spade
+from patchcore_lite.spade import Spade, SpadeConfig
 
 
 def _images(n: int, seed: int) -> torch.Tensor:
@@ -88,8 +89,12 @@ def test_deterministic_and_memory(tiny):
 def test_unfitted_raises():
     with pytest.raises(RuntimeError, match="fit"):
         Spade(pretrained=False).score_batch(_images(1, 0))
-    with pytest.raises(ValueError, match="k, kappa"):
+    with pytest.raises(ConfigError, match="k = 0: must be an integer >= 1"):
         Spade(pretrained=False, k=0)
+    with pytest.raises(ConfigError, match="layers .*unknown: layer9"):  # refused before the backbone is built
+        SpadeConfig(image_layer="layer9")
+    with pytest.raises(ConfigError, match="knn_backend = 'annoy'"):
+        SpadeConfig(knn_backend="annoy")
 
 
 def test_separates_synthetic_anomalies(synthetic_root):
