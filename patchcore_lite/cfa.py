@@ -78,9 +78,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
-from .datasets import Preprocess
+from .datasets import Data, Preprocess, image_batches
 from .metrics import evaluate
-from .model import Data, image_batches
 from .patches import patch_features
 from .scoring import anomaly_maps
 

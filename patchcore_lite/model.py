@@ -38,18 +38,16 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
 from .backbone import Backbone
 from .coreset import select_coreset
-from .datasets import ImageDataset, Preprocess, Sample, validate_samples
+from .datasets import Data, Preprocess, image_batches
 from .errors import ModelFileError
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
@@ -113,31 +111,6 @@ class Prediction:
 
     scores: np.ndarray  # (N,)
     maps: np.ndarray  # (N, H, W) float32
-
-
-Data = torch.Tensor | torch.utils.data.Dataset | Sequence[Sample] | Sequence[str | Path]
-
-
-def image_batches(
-    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = ""
-) -> Iterator[torch.Tensor]:
-    """Normalised image batches from tensors, an ``ImageDataset``, samples or paths.
-
-    Files are checked before the first batch, so a bad image stops the run
-    before any work is done rather than halfway through it.
-    """
-    if isinstance(data, torch.Tensor):
-        chunks: Iterable = data.split(batch_size)
-        total = len(chunks)  # type: ignore[arg-type]
-    else:
-        if not isinstance(data, torch.utils.data.Dataset):
-            samples = [s if isinstance(s, Sample) else Sample(Path(s), 0, "good", None) for s in data]
-            validate_samples(samples)
-            data = ImageDataset(samples, preprocess)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-        chunks = (b["image"] if isinstance(b, dict) else b for b in loader)
-        total = len(loader)
-    yield from tqdm(chunks, total=total, desc=desc, disable=not progress, unit="batch")
 
 
 class PatchCore:

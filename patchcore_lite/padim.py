@@ -37,8 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
-from .datasets import Preprocess
-from .model import Data, image_batches
+from .datasets import Data, Preprocess, image_batches
 from .patches import patch_features
 from .scoring import anomaly_maps
 

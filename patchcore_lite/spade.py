@@ -35,9 +35,8 @@ from pathlib import Path
 import torch
 
 from .backbone import Backbone
-from .datasets import Preprocess
+from .datasets import Data, Preprocess, image_batches
 from .knn import NearestNeighbors
-from .model import Data, image_batches
 from .patches import patch_features
 from .scoring import anomaly_maps
 
