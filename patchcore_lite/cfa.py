@@ -68,7 +68,7 @@ validation set is kept (epoch 0, the untrained descriptor, included).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .datasets import Data, Preprocess, image_batches
+from .datasets import Data, image_batches
+from .detector import BackboneDetector
 from .metrics import evaluate
 from .patches import patch_features
 from .scoring import anomaly_maps
@@ -335,13 +335,10 @@ def _subset(data: Data, indices: list[int]) -> Data:
 # ----------------------------------------------------------------------------- the detector
 
 
-class CFA:
+class CFA(BackboneDetector[CFAConfig]):
     """CFA detector: ``fit`` builds the memory bank and trains the descriptor, ``score_batch`` scores.
 
-    Args:
-        config: a ``CFAConfig``; keyword ``overrides`` replace its fields.
-        weights_path: backbone weights file instead of the default source.
-        device: where the backbone, descriptor and distances run.
+    Args: as ``BackboneDetector`` (``CFAConfig``); the descriptor and distances run on ``device`` too.
 
     The backbone is frozen, so ``fit`` extracts the training features once and keeps them in memory
     for all epochs: N x h x w x D floats (30 images with EfficientNet-Lite0: 66 MB; WRN50's
@@ -352,13 +349,13 @@ class CFA:
     epoch's end and the validation metrics ``val_*``) and ``best_epoch`` (the epoch kept).
     """
 
+    config_class = CFAConfig
+
     def __init__(
         self, config: CFAConfig | None = None, weights_path: str | Path | None = None, device: str = "cpu", **overrides
     ) -> None:
-        self.config = c = replace(config or CFAConfig(), **overrides)
-        self.device = torch.device(device)
-        self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
-        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+        super().__init__(config, weights_path, device, **overrides)
+        c = self.config
         with torch.random.fork_rng():
             torch.manual_seed(c.seed)
             self.descriptor = PatchDescriptor(sum(self.backbone.channels), c.gamma_d).to(self.device)
@@ -373,10 +370,6 @@ class CFA:
         """Patch features p_t (B, h, w, D): 3 x 3 means of the three stages on the finest grid."""
         return patch_features(self.backbone(images.to(self.device)), patch_size=3).float()
 
-    def _features(self, data: Data, progress: bool, desc: str) -> torch.Tensor:
-        return torch.cat([self.extract(b) for b in image_batches(data, self.preprocess, self.config.batch_size,
-                                                                 progress, desc)])
-
     def _distances(self, phi: torch.Tensor, n: int) -> torch.Tensor:
         assert self.memory_bank is not None
         return nearest_squared(phi.flatten(0, 2), self.memory_bank, n).unflatten(0, phi.shape[:3])
@@ -385,10 +378,8 @@ class CFA:
     def fit(self, data: Data, progress: bool = True) -> CFA:
         """Hold out a validation split, build the memory bank, train phi with L_CFA, keep the best epoch."""
         c = self.config
-        if len(data) == 0:
-            raise ValueError("no images given: the folder or list is empty")
         train_idx, val_idx = split_indices(len(data), c.val_fraction, c.seed)
-        feats = self._features(_subset(data, train_idx), progress, "CFA features (train)")
+        feats = self.extract_all(_subset(data, train_idx), progress, "CFA features (train)")
         self.memory_bank = self._build_bank(feats)
         val = self._validation_set(_subset(data, val_idx), progress) if val_idx else None
         optimizer = torch.optim.AdamW(
@@ -422,7 +413,7 @@ class CFA:
         pasted, pasted_masks = cut_paste(images, self.config.val_anomalies, self.config.seed)
         normals = torch.zeros(len(images), *images.shape[-2:])
         return {
-            "features": torch.cat([self._features(x, False, "") for x in (images, pasted)]),
+            "features": torch.cat([self.extract_all(x, False, "") for x in (images, pasted)]),
             "labels": torch.cat([torch.zeros(len(images)), torch.ones(len(pasted))]),
             "masks": torch.cat([normals, pasted_masks]),
         }
@@ -468,14 +459,15 @@ class CFA:
 
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and anomaly maps (B, H, W) of normalised images: A_t, upsampled, blurred, max."""
-        if self.memory_bank is None:
-            raise RuntimeError("this CFA has no memory bank yet: call fit() first")
+        self._check_fitted()
         return self._score_features(self.extract(images), tuple(images.shape[-2:]))
 
-    @property
-    def memory_bytes(self) -> int:
-        """What the model keeps per category: the memory bank and the descriptor's weights (plus r)."""
+    def _check_fitted(self) -> None:
         if self.memory_bank is None:
-            return 0
-        tensors = [self.memory_bank, self.radius, *self.descriptor.parameters()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            raise RuntimeError("this CFA has no memory bank yet: call fit() first")
+
+    def _kept(self) -> list[torch.Tensor | None]:
+        """What CFA keeps per category: the memory bank and the descriptor's weights (plus r)."""
+        if self.memory_bank is None:
+            return []
+        return [self.memory_bank, self.radius, *self.descriptor.parameters()]

@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .backbone import Backbone
 from .coreset import select_coreset
-from .datasets import Data, Preprocess, image_batches
+from .datasets import Data
+from .detector import BackboneDetector, Prediction  # noqa: F401  (Prediction: predict's result, importable here)
 from .errors import ModelFileError
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
@@ -105,22 +105,13 @@ class PatchCoreConfig:
         return cls(**fixed)
 
 
-@dataclass
-class Prediction:
-    """Output of ``predict``: one score per image, one map per image (input size)."""
-
-    scores: np.ndarray  # (N,)
-    maps: np.ndarray  # (N, H, W) float32
-
-
-class PatchCore:
+class PatchCore(BackboneDetector[PatchCoreConfig]):
     """Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
 
-    Args:
-        config: a ``PatchCoreConfig``; keyword ``overrides`` replace its fields.
-        weights_path: backbone weights file instead of the default source.
-        device: where the backbone runs ("cpu", "cuda"); the search stays on the CPU.
+    Args: as ``BackboneDetector`` (``PatchCoreConfig``); the search stays on the CPU.
     """
+
+    config_class = PatchCoreConfig
 
     def __init__(
         self,
@@ -129,11 +120,7 @@ class PatchCore:
         device: str = "cpu",
         **overrides,
     ) -> None:
-        self.config = replace(config or PatchCoreConfig(), **overrides)
-        c = self.config
-        self.device = torch.device(device)
-        self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
-        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+        super().__init__(config, weights_path, device, **overrides)
         self.memory_bank: torch.Tensor | None = None
         self.index: NearestNeighbors | None = None
         self.n_train_patches = 0
@@ -148,28 +135,12 @@ class PatchCore:
         feats = patch_features(fmaps, c.patch_size, c.patch_stride, c.feature_mode, c.embed_dim, c.target_dim)
         return feats.float().cpu()
 
-    def _all_features(self, data: Data, progress: bool, desc: str) -> torch.Tensor:
-        """Features of every image in one preallocated (N, h, w, D) tensor."""
-        n = len(data)
-        if n == 0:
-            raise ValueError("no images given: the folder or list is empty")
-        out: torch.Tensor | None = None
-        start = 0
-        for batch in image_batches(data, self.preprocess, self.config.batch_size, progress, desc):
-            feats = self.extract(batch)
-            if out is None:
-                out = torch.empty((n, *feats.shape[1:]), dtype=torch.float32)
-            out[start : start + len(feats)] = feats
-            start += len(feats)
-        assert out is not None
-        return out
-
     # ---- fit --------------------------------------------------------------------
     def fit(self, data: Data, progress: bool = True) -> PatchCore:
         """Build the memory bank of training patches and subsample it (Algorithm 1)."""
         c = self.config
         start = time.perf_counter()
-        bank = self._all_features(data, progress, "features (train)").flatten(0, 2)
+        bank = self.extract_all(data, progress, "features (train)").flatten(0, 2)
         extracted = time.perf_counter()
         self.n_train_patches = len(bank)
         picks = select_coreset(
@@ -184,10 +155,9 @@ class PatchCore:
         }
         return self
 
-    @property
-    def memory_bytes(self) -> int:
-        """Size of what the model keeps per category: the memory bank."""
-        return 0 if self.memory_bank is None else self.memory_bank.numel() * self.memory_bank.element_size()
+    def _kept(self) -> list[torch.Tensor | None]:
+        """What PatchCore keeps per category: the memory bank."""
+        return [self.memory_bank]
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         c = self.config
@@ -224,16 +194,6 @@ class PatchCore:
         """Image scores (B,) and anomaly maps (B, H, W) for normalised images (eq. 6-7)."""
         index = self._check_fitted()  # before the backbone runs
         return score_features(self.extract(images), index, self.config, tuple(images.shape[-2:]))
-
-    def predict(self, data: Data, progress: bool = True) -> Prediction:
-        """Scores and maps of every image, in order."""
-        self._check_fitted()
-        scores, maps = [], []
-        for batch in image_batches(data, self.preprocess, self.config.batch_size, progress, "scoring"):
-            s, m = self.score_batch(batch)
-            scores.append(s)
-            maps.append(m)
-        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy())
 
     # ---- save / load ------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

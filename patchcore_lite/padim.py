@@ -30,14 +30,14 @@ images; EfficientNet-Lite0 with d = 100: 125 MB.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .datasets import Data, Preprocess, image_batches
+from .datasets import Data
+from .detector import BackboneDetector
 from .patches import patch_features
 from .scoring import anomaly_maps
 
@@ -99,14 +99,13 @@ def mahalanobis(delta: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(0).sqrt()  # rounding can push a ~0 quadratic form below zero
 
 
-class Padim:
+class Padim(BackboneDetector[PadimConfig]):
     """PaDiM detector: ``fit`` estimates a Gaussian per grid position, ``score_batch`` measures distances.
 
-    Args:
-        config: a ``PadimConfig``; keyword ``overrides`` replace its fields.
-        weights_path: backbone weights file instead of the default source.
-        device: where the backbone runs and the distances are computed.
+    Args: as ``BackboneDetector`` (``PadimConfig``); the distances are computed on ``device`` too.
     """
+
+    config_class = PadimConfig
 
     def __init__(
         self,
@@ -115,10 +114,8 @@ class Padim:
         device: str = "cpu",
         **overrides,
     ) -> None:
-        self.config = c = replace(config or PadimConfig(), **overrides)
-        self.device = torch.device(device)
-        self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
-        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+        super().__init__(config, weights_path, device, **overrides)
+        c = self.config
         total = sum(self.backbone.channels)
         if c.d is not None and c.d > total:
             raise ValueError(f"d = {c.d} but {c.backbone} {list(c.layers)} give only {total} channels")
@@ -138,11 +135,8 @@ class Padim:
     @torch.inference_mode()
     def fit(self, data: Data, progress: bool = True) -> Padim:
         """Eq. 1: per-position mean and regularised covariance; stores the precision matrices."""
-        if len(data) == 0:
-            raise ValueError("no images given: the folder or list is empty")
         c = self.config
-        batches = image_batches(data, self.preprocess, c.batch_size, progress, "PaDiM features (train)")
-        feats = torch.cat([self.extract(batch) for batch in batches])  # (N, h, w, d)
+        feats = self.extract_all(data, progress, "PaDiM features (train)")  # (N, h, w, d)
         n, h, w, d = feats.shape
         x = feats.reshape(n, h * w, d)
         # Positions in chunks: the float64 covariances of one chunk at a time, never all of them.
@@ -151,21 +145,24 @@ class Padim:
         self.mean, self.precision = x.mean(dim=0).reshape(h, w, d), precision.reshape(h, w, d, d)
         return self
 
-    @property
-    def memory_bytes(self) -> int:
-        """Size of what PaDiM keeps per category: means and precision matrices (h w d^2 floats)."""
-        kept = (self.mean, self.precision)
-        return sum(t.numel() * t.element_size() for t in kept if t is not None)
+    def _kept(self) -> list[torch.Tensor | None]:
+        """What PaDiM keeps per category: means and precision matrices (h w d^2 floats)."""
+        return [self.mean, self.precision]
+
+    def _check_fitted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The means and precision matrices, once ``fit`` has run."""
+        if self.mean is None or self.precision is None:
+            raise RuntimeError("this PaDiM has no Gaussians yet: call fit() first")
+        return self.mean, self.precision
 
     @torch.inference_mode()
     def distance_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 2 on the feature grid: Mahalanobis distances (B, h, w)."""
-        if self.mean is None or self.precision is None:
-            raise RuntimeError("this PaDiM has no Gaussians yet: call fit() first")
+        mean, precision = self._check_fitted()
         x = self.extract(images)
         b, h, w, d = x.shape
-        delta = (x - self.mean).reshape(b, h * w, d)
-        dist = mahalanobis(delta, self.precision.reshape(h * w, d, d))
+        delta = (x - mean).reshape(b, h * w, d)
+        dist = mahalanobis(delta, precision.reshape(h * w, d, d))
         return dist.reshape(b, h, w).cpu()
 
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

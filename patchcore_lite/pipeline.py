@@ -1,9 +1,9 @@
 """Fit a detector on a folder's normal images and evaluate it on its test set.
 
-The same loop serves PatchCore, SPADE, PaDiM and CFA: a *detector* has a
-``preprocess``, a ``config.batch_size``, ``fit(data)`` and
-``score_batch(images) -> (scores, maps)``. Every file is checked before the
-first image is processed, so bad input costs seconds, never a finished fit.
+The same loop serves PatchCore, SPADE, PaDiM and CFA: any ``detector.Detector``
+(a ``preprocess``, ``fit(data)`` and ``score_batch(images) -> (scores, maps)``).
+Every file is checked before the first image is processed, so bad input costs
+seconds, never a finished fit.
 """
 
 from __future__ import annotations
@@ -11,22 +11,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .datasets import ImageDataset, Preprocess, Sample, train_test_samples, validate_samples
+from .datasets import ImageDataset, Sample, train_test_samples, validate_samples
+from .detector import Detector
 from .metrics import evaluate as compute_metrics
-
-
-class Detector(Protocol):
-    preprocess: Preprocess
-
-    def fit(self, data: object, progress: bool = True) -> object: ...
-
-    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
