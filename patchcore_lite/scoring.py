@@ -17,10 +17,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
+from scipy.stats import kendalltau
 
 from .knn import NearestNeighbors
+from .metrics import image_auroc
 
 
 def patch_scores(
@@ -101,3 +105,23 @@ def anomaly_maps(scores: torch.Tensor, size: tuple[int, int], sigma: float = 4.0
     """Patch scores (B, h, w) -> pixel maps (B, H, W): bilinear upsampling, then blur."""
     upsampled = F.interpolate(scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return gaussian_blur(upsampled, sigma)
+
+
+def ranking_changes(before: ArrayLike, after: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+    """How a change of image scores (e.g. eq. 7's reweighting) reorders the test images.
+
+    Kendall's tau between the two rankings, the number of image pairs whose order flips
+    (of all pairs, and of normal-anomalous pairs, the only ones AUROC counts) and both AUROCs.
+    """
+    before, after, labels = np.asarray(before, float), np.asarray(after, float), np.asarray(labels)
+    if not before.shape == after.shape == labels.shape or before.ndim != 1:
+        raise ValueError(f"need three 1-D arrays of equal length, got {before.shape}, {after.shape}, {labels.shape}")
+    i, j = np.triu_indices(len(before), k=1)
+    flipped = np.sign(before[i] - before[j]) * np.sign(after[i] - after[j]) < 0
+    return {
+        "kendall_tau": float(kendalltau(before, after).statistic),
+        "flipped_pairs": int(flipped.sum()),
+        "flipped_normal_anomalous_pairs": int((flipped & (labels[i] != labels[j])).sum()),
+        "auroc_before": image_auroc(labels, before),
+        "auroc_after": image_auroc(labels, after),
+    }
