@@ -139,7 +139,7 @@ def coreset_results(
     sizes = {r: max(1, int(n * r)) for r in ratios}
     n_max = max([s for s in sizes.values() if s < n], default=1)
     projected = random_projection(bank, config.projection_dim, config.projection_eps, config.seed)
-    # fast=False: same picks; the plain loop is the quicker one for banks of tens of thousands.
+    # fast=False: the plain loop, the same picks (benchmarks/RESULTS.md: which is quicker at which size).
     greedy = greedy_coreset(projected, n_max, config.coreset_start, seed=config.seed, fast=False)
     shuffled = random_coreset(n, n_max, config.seed)  # nested too: a prefix of one permutation
     curves = {"greedy": coverage_curve(bank, greedy), "random": coverage_curve(bank, shuffled)}
