@@ -24,12 +24,19 @@ reweight, b       True, 9              paper eq. 7, b as anomalib (official: off
 sigma             4                    paper Sec. 3.3 / official
 knn               faiss flat           official (exact L2)
 knn_nprobe        16                   ivf/ivfpq only; chosen on MTD (RESULTS.md)
+distance          Euclidean ||.||_2    paper eq. 6; official: squared L2 (see below)
 ================  ===================  =============================================
+
+Scores: a patch score is the Euclidean distance to the nearest bank patch, the
+L2 norm eq. 6 is written with. The official code scores with the *squared* L2
+distance (faiss ``IndexFlatL2`` returns squared distances and it keeps them);
+with k = 1 squaring changes no ranking of eq. 6's image scores, but it does
+change eq. 7's weights and the upsampled, blurred maps.
 
 Search: exact search costs ``2 N M D`` flops per image (N test patches, M bank
 vectors), so at a bottle-size bank it takes most of the inference time on a CPU.
-``knn_index="ivf"`` (approximate, faiss inverted lists) is about 4x faster;
-``benchmarks/bench_knn.py --dataset`` measures what it costs in accuracy.
+``knn_index="ivf"`` (approximate, faiss inverted lists) does less work;
+``benchmarks/bench_knn.py --dataset`` measures its speed and what it costs in accuracy.
 """
 
 from __future__ import annotations

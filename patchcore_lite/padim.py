@@ -6,7 +6,9 @@ Gaussian per *position* of the feature grid:
 
 * Embedding (Sec. 3.1): the first three stages' maps, upsampled to the finest
   grid and concatenated (as SPADE's pyramid; PatchCore's features with a 1 x 1
-  neighbourhood), then a random subset of d channels ("Rd", Sec. 4.2: d = 100 of
+  neighbourhood). Here the coarser maps are upsampled *bilinearly*
+  (``patches.align``); the reference code's ``embedding_concat`` copies each
+  coarse value to the s x s finer positions it covers (nearest neighbour). Then a random subset of d channels ("Rd", Sec. 4.2: d = 100 of
   448 for ResNet18, 550 of 1792 for WRN50), drawn once with a seed.
 * Learning (eq. 1): for each position (i, j), the mean ``mu_ij`` and the sample
   covariance ``Sigma_ij = 1/(N-1) sum_k (x^k_ij - mu_ij)(x^k_ij - mu_ij)^T + eps I``
@@ -82,8 +84,8 @@ def precision_matrices(cov: torch.Tensor) -> torch.Tensor:
     """Inverses of symmetric positive definite (L, d, d) covariances, via Cholesky (float64).
 
     Batched LAPACK makes one call per small matrix; with a multi-threaded BLAS every call
-    pays a thread hand-off, which on a busy 2-core machine made 3136 inverses of 100 x 100
-    take 20 s instead of 1 s. A single thread is used for these calls only.
+    pays a thread hand-off, which dominates for matrices this small. A single thread is used
+    for these calls only.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -128,7 +130,7 @@ class Padim(BackboneDetector[PadimConfig]):
 
     @torch.inference_mode()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
-        """Embedding vectors (B, h, w, d): aligned first-three-stage features, random channels."""
+        """Embedding vectors (B, h, w, d) of Sec. 3.1: first three stages, aligned bilinearly, random channels."""
         maps = self.backbone(images.to(self.device))
         return patch_features(maps, patch_size=1)[..., self.channels].float()
 

@@ -10,7 +10,8 @@ Two ways to build it, both selectable with ``mode``:
 
 * ``"avgpool"`` (default): ``AvgPool2d(p, s)`` per stage, bilinear alignment,
   concatenation. D = sum of the stages' channels (152 for EfficientNet-Lite0,
-  1536 for WRN50). As anomalib does; about 8x cheaper on a CPU.
+  1536 for WRN50). As anomalib does; cheaper than ``"official"``, which
+  unfolds p * p copies of every channel first.
 * ``"official"``: the official code's path: unfold each p x p neighbourhood
   into a C*p*p vector, align the unfolded grids bilinearly, adaptive-average-pool
   each stage's vector to ``embed_dim`` (1024), stack the stages and pool the
@@ -38,7 +39,7 @@ def local_aggregate(fmap: torch.Tensor, patch_size: int = 3, stride: int = 1) ->
 
 
 def align(fmaps: list[torch.Tensor], size: tuple[int, int] | None = None) -> list[torch.Tensor]:
-    """Upsample every map bilinearly to ``size`` (default: the first, finest grid)."""
+    """Eq. 3's alignment: upsample every map bilinearly to ``size`` (default: the first, finest grid)."""
     size = size or tuple(fmaps[0].shape[-2:])
     return [
         m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)

@@ -28,7 +28,7 @@ def interactive_view(view: View, **sliders: Any) -> Any:
     The figure is an ``ipywidgets.Image`` (PNG bytes), redrawn when a slider moves. Not
     ``ipywidgets.interactive``: its Output widget made headless execution (nbclient, so the
     book build and nbval) stall for the whole cell timeout after the cell, about one run in
-    two (measured: 60 s with a 60 s timeout). An Image's bytes are also saved with the page,
+    two. An Image's bytes are also saved with the page,
     so the static site shows the figure at the slider's starting value.
     """
     import ipywidgets
