@@ -241,7 +241,9 @@ def test_random_coreset_deterministic():
 
 def test_select_coreset_projects_with_jl_eps():
     x = torch.randn(400, 512, generator=_gen(5))
-    assert len(select_coreset(x, 0.05, eps=0.9)) == 20
+    projected = random_projection(x, eps=0.9)
+    assert projected.shape[1] == jl_dimension(400, 0.9) != 128  # eps, not projection_dim, sets psi
+    assert torch.equal(select_coreset(x, 0.05, eps=0.9), greedy_coreset(projected, 20))
 
 
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.5])
