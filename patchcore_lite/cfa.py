@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -271,10 +270,7 @@ class CFA(BackboneDetector[CFAConfig]):
 
     config_class = CFAConfig
 
-    def __init__(
-        self, config: CFAConfig | None = None, weights_path: str | Path | None = None, device: str = "cpu", **overrides
-    ) -> None:
-        super().__init__(config, weights_path, device, **overrides)
+    def _setup(self) -> None:
         c = self.config
         with torch.random.fork_rng():
             torch.manual_seed(c.seed)

@@ -12,8 +12,8 @@ method, so that each detector's module holds only the method itself:
 * ``predict``: ``score_batch`` over every image, in order;
 * ``memory_bytes``: the size of the tensors a detector keeps per category.
 
-A subclass sets ``config_class`` and implements ``extract``, ``fit``,
-``score_batch``, ``_check_fitted`` and ``_kept``.
+A subclass sets ``config_class`` and implements ``_setup`` (its own state,
+unfitted), ``extract``, ``fit``, ``score_batch``, ``_check_fitted`` and ``_kept``.
 """
 
 from __future__ import annotations
@@ -70,10 +70,16 @@ class BackboneDetector(ABC, Generic[ConfigT]):
         self.device = torch.device(device)
         self.backbone = Backbone(c.backbone, self.backbone_layers(), c.pretrained, weights_path, c.seed).to(self.device)
         self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+        self._setup()
 
     def backbone_layers(self) -> tuple[str, ...]:
         """The stages the backbone returns, finest first: ``config.layers`` unless a method needs more."""
         return self.config.layers  # type: ignore[attr-defined]
+
+    @abstractmethod
+    def _setup(self) -> None:
+        """The method's own state before ``fit``: what it derives from the config and backbone, and None
+        for what ``fit`` learns."""
 
     @abstractmethod
     def extract(self, images: torch.Tensor) -> Features:

@@ -120,14 +120,7 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
 
     config_class = PatchCoreConfig
 
-    def __init__(
-        self,
-        config: PatchCoreConfig | None = None,
-        weights_path: str | Path | None = None,
-        device: str = "cpu",
-        **overrides,
-    ) -> None:
-        super().__init__(config, weights_path, device, **overrides)
+    def _setup(self) -> None:
         self.memory_bank: torch.Tensor | None = None
         self.index: NearestNeighbors | None = None
         self.n_train_patches = 0

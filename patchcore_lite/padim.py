@@ -33,7 +33,6 @@ images; EfficientNet-Lite0 with d = 100: 125 MB.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -109,14 +108,7 @@ class Padim(BackboneDetector[PadimConfig]):
 
     config_class = PadimConfig
 
-    def __init__(
-        self,
-        config: PadimConfig | None = None,
-        weights_path: str | Path | None = None,
-        device: str = "cpu",
-        **overrides,
-    ) -> None:
-        super().__init__(config, weights_path, device, **overrides)
+    def _setup(self) -> None:
         c = self.config
         total = sum(self.backbone.channels)
         if c.d is not None and c.d > total:

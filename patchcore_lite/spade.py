@@ -30,7 +30,6 @@ hazelnut images 8.8 GB; for EfficientNet-Lite0 (D = 176) 0.86 GB.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -72,14 +71,7 @@ class Spade(BackboneDetector[SpadeConfig]):
 
     config_class = SpadeConfig
 
-    def __init__(
-        self,
-        config: SpadeConfig | None = None,
-        weights_path: str | Path | None = None,
-        device: str = "cpu",
-        **overrides,
-    ) -> None:
-        super().__init__(config, weights_path, device, **overrides)
+    def _setup(self) -> None:
         self.image_features: torch.Tensor | None = None  # (N, C) pooled, eq. 1
         self.pixel_features: torch.Tensor | None = None  # (N, h, w, D) gallery source, eq. 2
         self.image_index: NearestNeighbors | None = None
