@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from common import dataset_model, dataset_split, median_seconds, peak_rss_mib, search_name
+from patchcore_lite.datasets import image_batches
 from patchcore_lite.knn import NearestNeighbors
-from patchcore_lite.model import PatchCore, image_batches
+from patchcore_lite.model import PatchCore
 from patchcore_lite.pipeline import evaluate
 
 PATCHES = 784  # 28 x 28 patches of a 224 x 224 image

@@ -26,7 +26,8 @@ import torch
 
 from common import dataset_model, dataset_split, median_seconds, peak_rss_mib, search_name
 from patchcore_lite.backbone import Backbone
-from patchcore_lite.model import PatchCore, image_batches
+from patchcore_lite.datasets import image_batches
+from patchcore_lite.model import PatchCore
 from patchcore_lite.patches import patch_features
 from patchcore_lite.scoring import anomaly_maps, image_scores, patch_scores
 from patchcore_lite.synthetic import ensure_synthetic

@@ -11,8 +11,15 @@ from pathlib import Path
 
 import torch
 
-from patchcore_lite.datasets import MTD_PREPROCESS, MVTEC_PREPROCESS, Sample, dataset_kind, train_test_samples
-from patchcore_lite.model import PatchCore, image_batches
+from patchcore_lite.datasets import (
+    MTD_PREPROCESS,
+    MVTEC_PREPROCESS,
+    Sample,
+    dataset_kind,
+    image_batches,
+    train_test_samples,
+)
+from patchcore_lite.model import PatchCore
 
 
 def peak_rss_mib() -> float:

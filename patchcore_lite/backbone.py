@@ -7,7 +7,7 @@ biased towards ImageNet classes. We read them with forward hooks on named stages
 and stop the forward pass as soon as the last needed stage has run, as the
 official code does; modules after it are also dropped, so they cost no memory.
 Every batch norm is folded into the convolution before it (``fold_batchnorm``):
-the same function, computed in one pass instead of two, 1.1-1.7x faster on a 2-core CPU.
+the same function, computed in one pass instead of two (``benchmarks/RESULTS.md`` has the gain).
 
 Backbones:
 

@@ -68,8 +68,7 @@ validation set is kept (epoch 0, the untrained descriptor, included).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,13 +76,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .datasets import Preprocess
+from .datasets import Data, image_batches
+from .detector import BackboneDetector, check_detector_config, check_not_empty
 from .errors import DataError, check_int, check_real
 from .metrics import evaluate
-from .model import Data, image_batches
 from .patches import patch_features
-from .pipeline import check_detector_config
 from .scoring import anomaly_maps
 
 PAPER_EPOCHS = 30
@@ -219,86 +216,6 @@ def softmin_score(dist: torch.Tensor) -> torch.Tensor:
     return torch.softmax(-dist, dim=-1)[..., 0] * dist[..., 0]
 
 
-# ----------------------------------------------------------------------------- 2-D picture
-
-
-@dataclass
-class ToyRun:
-    """A 2-D run of ``hypersphere_toy``: the memory vectors and every point's path."""
-
-    memory: torch.Tensor  # (M, 2)
-    path: torch.Tensor  # (steps + 1, N, 2)
-    l_att: list[float]
-    l_rep: list[float]
-    radius: float
-    alpha: float
-    k: int
-    j: int
-
-
-def hypersphere_toy(
-    steps: int = 40, n_points: int = 60, k: int = 1, j: int = 1, radius: float = 0.6, alpha: float = 0.1,
-    lr: float = 0.04, seed: int = 0,
-) -> ToyRun:
-    """The coupled hyperspheres in 2-D: points phi(p_t) moved by gradient descent on L_att + L_rep.
-
-    Seven fixed memory vectors (a hexagon and its centre, 0.7 apart); each point is pulled into the
-    sphere of radius r around its K nearest (L_att) and pushed out of the sphere of squared radius
-    r^2 - alpha around the next J (L_rep). Here the points move freely (in CFA the descriptor's
-    weights move them all at once), by plain gradient descent on the loss summed over points
-    (nu = 1, so a step does not depend on their number). Uses the model's own ``nearest_squared``
-    and ``cfa_loss``.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    angles = torch.arange(6) * math.pi / 3
-    memory = torch.cat([torch.zeros(1, 2), 0.7 * torch.stack([angles.cos(), angles.sin()], dim=1)])
-    points = (0.8 * torch.randn(n_points, 2, generator=generator)).requires_grad_()
-    optimizer = torch.optim.SGD([points], lr=lr)
-    path, atts, reps = [points.detach().clone()], [], []
-    for step in range(steps + 1):
-        att, rep = cfa_loss(nearest_squared(points, memory, k + j), radius, k, alpha, nu=1.0)
-        atts.append(att.item())
-        reps.append(rep.item())
-        if step == steps:
-            break
-        optimizer.zero_grad()
-        ((att + rep) * n_points).backward()
-        optimizer.step()
-        path.append(points.detach().clone())
-    return ToyRun(memory, torch.stack(path), atts, reps, radius, alpha, k, j)
-
-
-def hypersphere_view(run: ToyRun, step: int, ax: Any = None) -> tuple[Any, dict[str, float]]:
-    """Draw ``run`` at ``step`` (spheres, paths so far, points coloured by the loss term acting on
-    them); return the figure and its numbers, as the book's slider callbacks (``widgets``) do."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Circle
-
-    ax = ax if ax is not None else Figure(figsize=(5.2, 5.6), layout="constrained").add_subplot()
-    inner = math.sqrt(max(run.radius**2 - run.alpha, 0.0))
-    for i, c in enumerate(run.memory.tolist()):
-        labels = ("attraction sphere r", "repulsion sphere sqrt(r² - α)") if i == 0 else (None, None)
-        ax.add_patch(Circle(c, run.radius, fill=False, color="tab:blue", label=labels[0]))
-        if inner > 0:
-            ax.add_patch(Circle(c, inner, fill=False, ls="--", color="tab:red", label=labels[1]))
-    now = run.path[step]
-    d = nearest_squared(now, run.memory, run.k + run.j)
-    pulled = (d[:, : run.k] > run.radius**2).any(dim=1)
-    pushed = (d[:, run.k :] < run.radius**2 - run.alpha).any(dim=1)
-    for n in range(now.shape[0]):
-        ax.plot(*run.path[: step + 1, n].T, color="0.8", lw=0.7, zorder=1)
-    for mask, colour, label in ((~pulled & ~pushed, "tab:green", "at rest"), (pulled, "tab:blue", "pulled (L_att > 0)"),
-                                (pushed, "tab:red", "pushed (L_rep > 0)")):
-        ax.scatter(*now[mask].T, s=14, color=colour, label=label, zorder=3)
-    ax.scatter(*run.memory.T, marker="X", s=90, color="black", label="memory vectors c", zorder=4)
-    ax.set(xlim=(-2.2, 2.2), ylim=(-2.2, 2.2), aspect="equal", xlabel="feature 1", ylabel="feature 2",
-           title=f"step {step}: L_att = {run.l_att[step]:.3f}, L_rep = {run.l_rep[step]:.3f}")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=7)
-    numbers = {"step": step, "l_att": run.l_att[step], "l_rep": run.l_rep[step],
-               "pulled": int(pulled.sum()), "pushed": int(pushed.sum())}
-    return ax.figure, numbers
-
-
 # ----------------------------------------------------------------------------- validation
 
 
@@ -355,13 +272,10 @@ def _subset(data: Data, indices: list[int]) -> Data:
 # ----------------------------------------------------------------------------- the detector
 
 
-class CFA:
+class CFA(BackboneDetector[CFAConfig]):
     """CFA detector: ``fit`` builds the memory bank and trains the descriptor, ``score_batch`` scores.
 
-    Args:
-        config: a ``CFAConfig``; keyword ``overrides`` replace its fields.
-        weights_path: backbone weights file instead of the default source.
-        device: where the backbone, descriptor and distances run.
+    Args: as ``BackboneDetector`` (``CFAConfig``); the descriptor and distances run on ``device`` too.
 
     The backbone is frozen, so ``fit`` extracts the training features once and keeps them in memory
     for all epochs: N x h x w x D floats (30 images with EfficientNet-Lite0: 66 MB; WRN50's
@@ -372,13 +286,10 @@ class CFA:
     epoch's end and the validation metrics ``val_*``) and ``best_epoch`` (the epoch kept).
     """
 
-    def __init__(
-        self, config: CFAConfig | None = None, weights_path: str | Path | None = None, device: str = "cpu", **overrides
-    ) -> None:
-        self.config = c = replace(config or CFAConfig(), **overrides)
-        self.device = torch.device(device)
-        self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
-        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+    config_class = CFAConfig
+
+    def _setup(self) -> None:
+        c = self.config
         with torch.random.fork_rng():
             torch.manual_seed(c.seed)
             self.descriptor = PatchDescriptor(sum(self.backbone.channels), c.gamma_d).to(self.device)
@@ -393,10 +304,6 @@ class CFA:
         """Patch features p_t (B, h, w, D): 3 x 3 means of the three stages on the finest grid."""
         return patch_features(self.backbone(images.to(self.device)), patch_size=3).float()
 
-    def _features(self, data: Data, progress: bool, desc: str) -> torch.Tensor:
-        return torch.cat([self.extract(b) for b in image_batches(data, self.preprocess, self.config.batch_size,
-                                                                 progress, desc)])
-
     def _distances(self, phi: torch.Tensor, n: int) -> torch.Tensor:
         assert self.memory_bank is not None
         return nearest_squared(phi.flatten(0, 2), self.memory_bank, n).unflatten(0, phi.shape[:3])
@@ -405,10 +312,8 @@ class CFA:
     def fit(self, data: Data, progress: bool = True) -> CFA:
         """Hold out a validation split, build the memory bank, train phi with L_CFA, keep the best epoch."""
         c = self.config
-        if len(data) == 0:
-            raise ValueError("no images given: the folder or list is empty")
-        train_idx, val_idx = split_indices(len(data), c.val_fraction, c.seed)
-        feats = self._features(_subset(data, train_idx), progress, "CFA features (train)")
+        train_idx, val_idx = split_indices(check_not_empty(data), c.val_fraction, c.seed)
+        feats = self.extract_all(_subset(data, train_idx), progress, "CFA features (train)")
         self.memory_bank = self._build_bank(feats)
         val = self._validation_set(_subset(data, val_idx), progress) if val_idx else None
         optimizer = torch.optim.AdamW(
@@ -442,7 +347,7 @@ class CFA:
         pasted, pasted_masks = cut_paste(images, self.config.val_anomalies, self.config.seed)
         normals = torch.zeros(len(images), *images.shape[-2:])
         return {
-            "features": torch.cat([self._features(x, False, "") for x in (images, pasted)]),
+            "features": torch.cat([self.extract_all(x, False, "") for x in (images, pasted)]),
             "labels": torch.cat([torch.zeros(len(images)), torch.ones(len(pasted))]),
             "masks": torch.cat([normals, pasted_masks]),
         }
@@ -488,14 +393,15 @@ class CFA:
 
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and anomaly maps (B, H, W) of normalised images: A_t, upsampled, blurred, max."""
-        if self.memory_bank is None:
-            raise RuntimeError("this CFA has no memory bank yet: call fit() first")
+        self._check_fitted()
         return self._score_features(self.extract(images), tuple(images.shape[-2:]))
 
-    @property
-    def memory_bytes(self) -> int:
-        """What the model keeps per category: the memory bank and the descriptor's weights (plus r)."""
+    def _check_fitted(self) -> None:
         if self.memory_bank is None:
-            return 0
-        tensors = [self.memory_bank, self.radius, *self.descriptor.parameters()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            raise RuntimeError("this CFA has no memory bank yet: call fit() first")
+
+    def _kept(self) -> list[torch.Tensor | None]:
+        """What CFA keeps per category: the memory bank and the descriptor's weights (plus r)."""
+        if self.memory_bank is None:
+            return []
+        return [self.memory_bank, self.radius, *self.descriptor.parameters()]

@@ -6,7 +6,7 @@
 
 Each detector comes from ``DETECTORS``, a dict of factories that all take the
 same keyword settings (``backbone``, ``pretrained``, ``seed``, ``resize``,
-``crop``, ``device``, ...) and return an object with the pipeline's Detector
+``crop``, ``device``, ...) and return an object with the ``detector.Detector``
 protocol plus ``memory_bytes``. Adding a method is one entry::
 
     DETECTORS["PaDiM-d20"] = partial(Padim, d=20)

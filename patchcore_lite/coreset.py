@@ -10,9 +10,11 @@ so the coreset covers the bank with a small radius (minimax facility location).
 
 Two implementations return the *same indices*:
 
-* ``fast=False``: the plain loop. Each step streams the whole bank once to get
-  the distances to the new pick and takes an in-place minimum. Memory-bound.
-* ``fast=True`` (default): the same greedy choices with far fewer bytes moved
+* ``greedy_coreset_reference`` (``greedy_coreset(fast=False)``): the plain loop,
+  line by line as Algorithm 1. Each step streams the whole bank once to get the
+  distances to the new pick and takes an in-place minimum. Memory-bound.
+* ``greedy_coreset`` (``fast=True``, the default, at every bank size: no size
+  threshold): the same greedy choices with far fewer bytes moved
   (``_LazyGreedy``). Only the "hot" points, whose min-distance is near the top,
   are updated after each pick, by the plain loop's own product over a
   cache-sized matrix. Every other point keeps a stale min-distance, an upper
@@ -23,7 +25,10 @@ Two implementations return the *same indices*:
   filters the (point, pick) pairs with a proven rounding margin, and only the
   pairs that may lower a min-distance are recomputed with the plain arithmetic.
   Points that end far below the coverage radius are never touched again. The
-  selected indices are identical, ties included (lowest index wins).
+  selected indices are identical, ties included (lowest index wins). The hot
+  set holds ``min(_HOT, max(64, N // 8))`` points (``_HOT`` = 16384: 8 MB at
+  d = 128, cache-sized), so below about ``8 * _HOT`` points it is an eighth of
+  the bank; if the BLAS fails ``_kernels_match``, the plain loop runs instead.
 
 Distances are squared Euclidean distances ``|x|^2 - 2 x.c + |c|^2`` (clamped at
 0) of mean-centred features; squaring does not change any argmax or minimum.
@@ -152,36 +157,51 @@ def greedy_coreset(
     min-distance to its *mean* distance to them; they are not selected (the
     official ``ApproximateGreedyCoresetSampler``). ``start="single"``: one random
     point is the first pick (textbook k-center, anomalib). Ties pick the lowest
-    index. ``fast`` only changes the speed, never the result.
+    index. ``fast=False`` runs ``greedy_coreset_reference``, the plain loop;
+    ``fast=True`` makes the same choices with ``_LazyGreedy`` at every bank size
+    (there is no size threshold), unless this machine's BLAS fails the exactness
+    check ``_kernels_match`` (then the plain loop runs). ``fast`` only changes the
+    speed, never the result.
     """
-    _check_features(projected)
-    n = len(projected)
-    _check_n_select(n, n_select)
-    if start not in STARTS:
-        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
-    if num_starts < 1:
-        raise ValueError(f"num_starts must be >= 1, got {num_starts}")
-    # Distances are translation invariant; centring keeps |x|^2 - 2x.c + |c|^2 accurate.
-    x = projected.float()
-    x = (x - x.double().mean(dim=0).float()).contiguous()
-    xsq = (x * x).sum(dim=1)
-    rng = np.random.default_rng(seed)
-    xt = x.T.contiguous()  # (d, N): x[i] @ xt reads the bank contiguously
-    if start == "single":
-        picks = [int(rng.integers(n))]
-        mindist = _distances_to(x, xt, xsq, picks[0])
-        mindist[picks[0]] = _PICKED
-    else:
-        starts = rng.choice(n, size=min(num_starts, n), replace=False)
-        picks, mindist = [], _mean_start_distance(x, xt, xsq, starts)
+    if not fast:
+        return greedy_coreset_reference(projected, n_select, None, start, num_starts, seed, progress)
+    x, xt, xsq, picks, mindist, rng = _greedy_start(projected, n_select, start, num_starts, seed)
+    if not _kernels_match(x, xt, xsq, rng):
+        return greedy_coreset_reference(projected, n_select, None, start, num_starts, seed, progress)
+    del xt  # the fast path never scans the whole bank
     bar = tqdm(total=n_select, initial=len(picks), desc="greedy coreset", disable=not progress, leave=False)
     with torch.no_grad(), bar:
-        if fast and _kernels_match(x, xt, xsq, rng):
-            del xt  # the fast path never scans the whole bank
-            _LazyGreedy(x, xsq, picks, mindist, n_select).run(bar)
-        else:
-            _greedy_plain(x, xt, xsq, picks, mindist, n_select, bar)
+        _LazyGreedy(x, xsq, picks, mindist, n_select).run(bar)
     return torch.tensor(picks, dtype=torch.long)
+
+
+@torch.no_grad()
+def greedy_coreset_reference(
+    features: Tensor,
+    n_select: int,
+    projection_dim: int | None = 128,
+    start: str = "official",
+    num_starts: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+) -> Tensor:
+    """Algorithm 1 of Roth et al. 2022 as the paper writes it: the plain loop; indices (n_select,) int64.
+
+    psi is ``random_projection`` to ``projection_dim`` (None: ``features`` are
+    already projected), as in ``select_coreset``. The paper starts from an empty
+    coreset, where ``min_{n in M_C}`` is undefined; ``start`` says what stands in
+    for it (see ``greedy_coreset``). ``min_dist`` holds each point's squared
+    distance to the coreset: squaring changes no argmax. Each pick scans the whole
+    bank once (memory-bound); ``greedy_coreset`` picks the same indices faster.
+    """
+    psi = features if projection_dim is None else random_projection(features, projection_dim, seed=seed)
+    x, xt, xsq, coreset, min_dist, _ = _greedy_start(psi, n_select, start, num_starts, seed)
+    for _ in tqdm(range(len(coreset), n_select), desc="greedy coreset", disable=not progress, leave=False):
+        m = int(torch.argmax(min_dist))  # m_i = argmax_{m in M - M_C} min_{n in M_C} ||psi(m) - psi(n)||
+        coreset.append(m)  # M_C = M_C + {m_i}; the lowest index wins a tie
+        torch.minimum(min_dist, _distances_to(x, xt, xsq, m), out=min_dist)  # min over M_C, now with m_i
+        min_dist[m] = _PICKED  # m_i has left M - M_C
+    return torch.tensor(coreset, dtype=torch.long)
 
 
 def select_coreset(
@@ -279,26 +299,41 @@ def _kernels_match(x: Tensor, xt: Tensor, xsq: Tensor, rng: np.random.Generator)
     return True
 
 
+def _greedy_start(
+    projected: Tensor, n_select: int, start: str, num_starts: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor, list[int], Tensor, np.random.Generator]:
+    """Checked, mean-centred points x, x^T and |x|^2, the start's picks and min-distances, and the rng after them.
+
+    Distances are translation invariant; centring keeps |x|^2 - 2x.c + |c|^2 accurate.
+    """
+    _check_features(projected)
+    n = len(projected)
+    _check_n_select(n, n_select)
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    if num_starts < 1:
+        raise ValueError(f"num_starts must be >= 1, got {num_starts}")
+    x = projected.float()
+    x = (x - x.double().mean(dim=0).float()).contiguous()
+    xsq = (x * x).sum(dim=1)
+    xt = x.T.contiguous()  # (d, N): x[i] @ xt reads the bank contiguously
+    rng = np.random.default_rng(seed)
+    if start == "single":
+        picks = [int(rng.integers(n))]
+        mindist = _distances_to(x, xt, xsq, picks[0])
+        mindist[picks[0]] = _PICKED
+    else:
+        starts = rng.choice(n, size=min(num_starts, n), replace=False)
+        picks, mindist = [], _mean_start_distance(x, xt, xsq, starts)
+    return x, xt, xsq, picks, mindist, rng
+
+
 def _mean_start_distance(x: Tensor, xt: Tensor, xsq: Tensor, starts: np.ndarray) -> Tensor:
     """Official initialisation: (mean Euclidean distance to the starting points)^2, shape (N,)."""
     total = torch.zeros(len(x), dtype=torch.float64)
     for i in starts.tolist():
         total += _distances_to(x, xt, xsq, i).sqrt()
     return (total / len(starts)).square().float()
-
-
-# ---- plain loop ----------------------------------------------------------------
-
-
-def _greedy_plain(x: Tensor, xt: Tensor, xsq: Tensor, picks: list[int], mindist: Tensor, n_select: int,
-                  bar: tqdm) -> None:
-    """Reference: one scan of the whole bank and an in-place minimum per pick (appends to ``picks``)."""
-    while len(picks) < n_select:
-        i = int(torch.argmax(mindist))  # first maximum: lowest index on ties
-        picks.append(i)
-        torch.minimum(mindist, _distances_to(x, xt, xsq, i), out=mindist)
-        mindist[i] = _PICKED
-        bar.update()
 
 
 # ---- fast path -----------------------------------------------------------------

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import numbers
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
+from tqdm.auto import tqdm
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
 from .errors import DataError, check_setting
@@ -520,3 +521,28 @@ class ImageDataset(torch.utils.data.Dataset):
             "path": str(sample.path),
             "defect": sample.defect,
         }
+
+
+Data = torch.Tensor | torch.utils.data.Dataset | Sequence[Sample] | Sequence[str | Path]
+
+
+def image_batches(
+    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = ""
+) -> Iterator[torch.Tensor]:
+    """Normalised image batches from tensors, an ``ImageDataset``, samples or paths.
+
+    Files are checked before the first batch, so a bad image stops the run
+    before any work is done rather than halfway through it.
+    """
+    if isinstance(data, torch.Tensor):
+        chunks: Iterable = data.split(batch_size)
+        total = len(chunks)  # type: ignore[arg-type]
+    else:
+        if not isinstance(data, torch.utils.data.Dataset):
+            samples = [s if isinstance(s, Sample) else Sample(Path(s), 0, "good", None) for s in data]
+            validate_samples(samples)
+            data = ImageDataset(samples, preprocess)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+        chunks = (b["image"] if isinstance(b, dict) else b for b in loader)
+        total = len(loader)
+    yield from tqdm(chunks, total=total, desc=desc, disable=not progress, unit="batch")

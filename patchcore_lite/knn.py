@@ -13,11 +13,12 @@ Backends:
   ``chunk_size x tile_size`` floats, and each tile is reduced while it is still in
   the CPU cache (anomalib forms the whole ``N x M`` matrix instead).
 
-Exact search costs ``2 N M D`` flops (3.9 GFLOP per 224 px image against a 16,385 x 152
-bank): both exact backends run near this CPU's matrix-product speed, so only an
-approximate index (``ivf``) is much faster; ``benchmarks/bench_knn.py`` measures all.
+Exact search costs ``2 N M D`` flops (N queries, M bank vectors of D dimensions): both
+exact backends are matrix products, so only an approximate index (``ivf``) does less
+work; ``benchmarks/bench_knn.py`` measures all.
 
-All return Euclidean distances (faiss works with squared ones), ascending.
+All return Euclidean distances, ascending: the root of faiss's squared L2 distances.
+The official code keeps faiss's squared distances as its scores.
 """
 
 from __future__ import annotations

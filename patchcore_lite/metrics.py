@@ -22,6 +22,8 @@ from numpy.typing import ArrayLike
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
+# What ``evaluate`` returns, with the names figures and tables print.
+METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
 # MVTec AD's evaluation counts diagonally touching defect pixels as one region.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -283,3 +285,18 @@ def _builtin(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def read_paper_results(path: str | Path) -> tuple[list[dict[str, Any]], str]:
+    """Rows of a published-results CSV (numeric cells as floats) and its ``#`` comment lines (the sources)."""
+    lines = Path(path).read_text().splitlines()
+    notes = "\n".join(line.lstrip("# ") for line in lines if line.startswith("#"))
+    rows = csv.DictReader(line for line in lines if line.strip() and not line.startswith("#"))
+    return [{key: _number(value) for key, value in row.items()} for row in rows], notes
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text

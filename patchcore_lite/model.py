@@ -24,12 +24,19 @@ reweight, b       True, 9              paper eq. 7, b as anomalib (official: off
 sigma             4                    paper Sec. 3.3 / official
 knn               faiss flat           official (exact L2)
 knn_nprobe        16                   ivf/ivfpq only; chosen on MTD (RESULTS.md)
+distance          Euclidean ||.||_2    paper eq. 6; official: squared L2 (see below)
 ================  ===================  =============================================
+
+Scores: a patch score is the Euclidean distance to the nearest bank patch, the
+L2 norm eq. 6 is written with. The official code scores with the *squared* L2
+distance (faiss ``IndexFlatL2`` returns squared distances and it keeps them);
+with k = 1 squaring changes no ranking of eq. 6's image scores, but it does
+change eq. 7's weights and the upsampled, blurred maps.
 
 Search: exact search costs ``2 N M D`` flops per image (N test patches, M bank
 vectors), so at a bottle-size bank it takes most of the inference time on a CPU.
-``knn_index="ivf"`` (approximate, faiss inverted lists) is about 4x faster;
-``benchmarks/bench_knn.py --dataset`` measures what it costs in accuracy.
+``knn_index="ivf"`` (approximate, faiss inverted lists) does less work;
+``benchmarks/bench_knn.py --dataset`` measures its speed and what it costs in accuracy.
 """
 
 from __future__ import annotations
@@ -38,22 +45,19 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
-from .backbone import Backbone
 from .coreset import METHODS, STARTS, select_coreset
-from .datasets import ImageDataset, Preprocess, Sample, validate_samples
+from .datasets import Data
+from .detector import BackboneDetector, Prediction, check_detector_config  # noqa: F401  (Prediction: importable here)
 from .errors import ConfigError, ModelFileError, check_choice, check_int, check_real
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
-from .pipeline import check_detector_config
 from .scoring import anomaly_maps, image_scores, patch_scores
 
 FORMAT_VERSION = 1
@@ -116,60 +120,15 @@ class PatchCoreConfig:
         return cls(**fixed)
 
 
-@dataclass
-class Prediction:
-    """Output of ``predict``: one score per image, one map per image (input size)."""
-
-    scores: np.ndarray  # (N,)
-    maps: np.ndarray  # (N, H, W) float32
-
-
-Data = torch.Tensor | torch.utils.data.Dataset | Sequence[Sample] | Sequence[str | Path]
-
-
-def image_batches(
-    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = ""
-) -> Iterator[torch.Tensor]:
-    """Normalised image batches from tensors, an ``ImageDataset``, samples or paths.
-
-    Files are checked before the first batch, so a bad image stops the run
-    before any work is done rather than halfway through it.
-    """
-    if isinstance(data, torch.Tensor):
-        chunks: Iterable = data.split(batch_size)
-        total = len(chunks)  # type: ignore[arg-type]
-    else:
-        if not isinstance(data, torch.utils.data.Dataset):
-            samples = [s if isinstance(s, Sample) else Sample(Path(s), 0, "good", None) for s in data]
-            validate_samples(samples)
-            data = ImageDataset(samples, preprocess)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-        chunks = (b["image"] if isinstance(b, dict) else b for b in loader)
-        total = len(loader)
-    yield from tqdm(chunks, total=total, desc=desc, disable=not progress, unit="batch")
-
-
-class PatchCore:
+class PatchCore(BackboneDetector[PatchCoreConfig]):
     """Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
 
-    Args:
-        config: a ``PatchCoreConfig``; keyword ``overrides`` replace its fields.
-        weights_path: backbone weights file instead of the default source.
-        device: where the backbone runs ("cpu", "cuda"); the search stays on the CPU.
+    Args: as ``BackboneDetector`` (``PatchCoreConfig``); the search stays on the CPU.
     """
 
-    def __init__(
-        self,
-        config: PatchCoreConfig | None = None,
-        weights_path: str | Path | None = None,
-        device: str = "cpu",
-        **overrides,
-    ) -> None:
-        self.config = replace(config or PatchCoreConfig(), **overrides)
-        c = self.config
-        self.device = torch.device(device)
-        self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
-        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+    config_class = PatchCoreConfig
+
+    def _setup(self) -> None:
         self.memory_bank: torch.Tensor | None = None
         self.index: NearestNeighbors | None = None
         self.n_train_patches = 0
@@ -184,28 +143,12 @@ class PatchCore:
         feats = patch_features(fmaps, c.patch_size, c.patch_stride, c.feature_mode, c.embed_dim, c.target_dim)
         return feats.float().cpu()
 
-    def _all_features(self, data: Data, progress: bool, desc: str) -> torch.Tensor:
-        """Features of every image in one preallocated (N, h, w, D) tensor."""
-        n = len(data)
-        if n == 0:
-            raise ValueError("no images given: the folder or list is empty")
-        out: torch.Tensor | None = None
-        start = 0
-        for batch in image_batches(data, self.preprocess, self.config.batch_size, progress, desc):
-            feats = self.extract(batch)
-            if out is None:
-                out = torch.empty((n, *feats.shape[1:]), dtype=torch.float32)
-            out[start : start + len(feats)] = feats
-            start += len(feats)
-        assert out is not None
-        return out
-
     # ---- fit --------------------------------------------------------------------
     def fit(self, data: Data, progress: bool = True) -> PatchCore:
         """Build the memory bank of training patches and subsample it (Algorithm 1)."""
         c = self.config
         start = time.perf_counter()
-        bank = self._all_features(data, progress, "features (train)").flatten(0, 2)
+        bank = self.extract_all(data, progress, "features (train)").flatten(0, 2)
         extracted = time.perf_counter()
         self.n_train_patches = len(bank)
         picks = select_coreset(
@@ -225,10 +168,9 @@ class PatchCore:
         }
         return self
 
-    @property
-    def memory_bytes(self) -> int:
-        """Size of what the model keeps per category: the memory bank."""
-        return 0 if self.memory_bank is None else self.memory_bank.numel() * self.memory_bank.element_size()
+    def _kept(self) -> list[torch.Tensor | None]:
+        """What PatchCore keeps per category: the memory bank."""
+        return [self.memory_bank]
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         c = self.config
@@ -265,16 +207,6 @@ class PatchCore:
         """Image scores (B,) and anomaly maps (B, H, W) for normalised images (eq. 6-7)."""
         index = self._check_fitted()  # before the backbone runs
         return score_features(self.extract(images), index, self.config, tuple(images.shape[-2:]))
-
-    def predict(self, data: Data, progress: bool = True) -> Prediction:
-        """Scores and maps of every image, in order."""
-        self._check_fitted()
-        scores, maps = [], []
-        for batch in image_batches(data, self.preprocess, self.config.batch_size, progress, "scoring"):
-            s, m = self.score_batch(batch)
-            scores.append(s)
-            maps.append(m)
-        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy())
 
     # ---- save / load ------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -6,7 +6,9 @@ Gaussian per *position* of the feature grid:
 
 * Embedding (Sec. 3.1): the first three stages' maps, upsampled to the finest
   grid and concatenated (as SPADE's pyramid; PatchCore's features with a 1 x 1
-  neighbourhood), then a random subset of d channels ("Rd", Sec. 4.2: d = 100 of
+  neighbourhood). Here the coarser maps are upsampled *bilinearly*
+  (``patches.align``); the reference code's ``embedding_concat`` copies each
+  coarse value to the s x s finer positions it covers (nearest neighbour). Then a random subset of d channels ("Rd", Sec. 4.2: d = 100 of
   448 for ResNet18, 550 of 1792 for WRN50), drawn once with a seed.
 * Learning (eq. 1): for each position (i, j), the mean ``mu_ij`` and the sample
   covariance ``Sigma_ij = 1/(N-1) sum_k (x^k_ij - mu_ij)(x^k_ij - mu_ij)^T + eps I``
@@ -30,18 +32,15 @@ images; EfficientNet-Lite0 with d = 100: 125 MB.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import Backbone
-from .datasets import Preprocess
+from .datasets import Data
+from .detector import BackboneDetector, check_detector_config
 from .errors import check_int, check_real, check_setting
-from .model import Data, image_batches
 from .patches import patch_features
-from .pipeline import check_detector_config
 from .scoring import anomaly_maps
 
 _CHUNK = 512  # grid positions per covariance batch
@@ -88,8 +87,8 @@ def precision_matrices(cov: torch.Tensor) -> torch.Tensor:
     """Inverses of symmetric positive definite (L, d, d) covariances, via Cholesky (float64).
 
     Batched LAPACK makes one call per small matrix; with a multi-threaded BLAS every call
-    pays a thread hand-off, which on a busy 2-core machine made 3136 inverses of 100 x 100
-    take 20 s instead of 1 s. A single thread is used for these calls only.
+    pays a thread hand-off, which dominates for matrices this small. A single thread is used
+    for these calls only.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -105,26 +104,16 @@ def mahalanobis(delta: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(0).sqrt()  # rounding can push a ~0 quadratic form below zero
 
 
-class Padim:
+class Padim(BackboneDetector[PadimConfig]):
     """PaDiM detector: ``fit`` estimates a Gaussian per grid position, ``score_batch`` measures distances.
 
-    Args:
-        config: a ``PadimConfig``; keyword ``overrides`` replace its fields.
-        weights_path: backbone weights file instead of the default source.
-        device: where the backbone runs and the distances are computed.
+    Args: as ``BackboneDetector`` (``PadimConfig``); the distances are computed on ``device`` too.
     """
 
-    def __init__(
-        self,
-        config: PadimConfig | None = None,
-        weights_path: str | Path | None = None,
-        device: str = "cpu",
-        **overrides,
-    ) -> None:
-        self.config = c = replace(config or PadimConfig(), **overrides)
-        self.device = torch.device(device)
-        self.backbone = Backbone(c.backbone, c.layers, c.pretrained, weights_path, c.seed).to(self.device)
-        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+    config_class = PadimConfig
+
+    def _setup(self) -> None:
+        c = self.config
         total = sum(self.backbone.channels)
         check_setting(c.d is None or c.d <= total, "d", c.d, f"at most {total}, the channels of {c.backbone} {list(c.layers)}")
         # Sec. 4.2: one random channel subset, fixed for training and testing.
@@ -136,18 +125,15 @@ class Padim:
 
     @torch.inference_mode()
     def extract(self, images: torch.Tensor) -> torch.Tensor:
-        """Embedding vectors (B, h, w, d): aligned first-three-stage features, random channels."""
+        """Embedding vectors (B, h, w, d) of Sec. 3.1: first three stages, aligned bilinearly, random channels."""
         maps = self.backbone(images.to(self.device))
         return patch_features(maps, patch_size=1)[..., self.channels].float()
 
     @torch.inference_mode()
     def fit(self, data: Data, progress: bool = True) -> Padim:
         """Eq. 1: per-position mean and regularised covariance; stores the precision matrices."""
-        if len(data) == 0:
-            raise ValueError("no images given: the folder or list is empty")
         c = self.config
-        batches = image_batches(data, self.preprocess, c.batch_size, progress, "PaDiM features (train)")
-        feats = torch.cat([self.extract(batch) for batch in batches])  # (N, h, w, d)
+        feats = self.extract_all(data, progress, "PaDiM features (train)")  # (N, h, w, d)
         n, h, w, d = feats.shape
         x = feats.reshape(n, h * w, d)
         # Positions in chunks: the float64 covariances of one chunk at a time, never all of them.
@@ -156,21 +142,24 @@ class Padim:
         self.mean, self.precision = x.mean(dim=0).reshape(h, w, d), precision.reshape(h, w, d, d)
         return self
 
-    @property
-    def memory_bytes(self) -> int:
-        """Size of what PaDiM keeps per category: means and precision matrices (h w d^2 floats)."""
-        kept = (self.mean, self.precision)
-        return sum(t.numel() * t.element_size() for t in kept if t is not None)
+    def _kept(self) -> list[torch.Tensor | None]:
+        """What PaDiM keeps per category: means and precision matrices (h w d^2 floats)."""
+        return [self.mean, self.precision]
+
+    def _check_fitted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The means and precision matrices, once ``fit`` has run."""
+        if self.mean is None or self.precision is None:
+            raise RuntimeError("this PaDiM has no Gaussians yet: call fit() first")
+        return self.mean, self.precision
 
     @torch.inference_mode()
     def distance_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Eq. 2 on the feature grid: Mahalanobis distances (B, h, w)."""
-        if self.mean is None or self.precision is None:
-            raise RuntimeError("this PaDiM has no Gaussians yet: call fit() first")
+        mean, precision = self._check_fitted()
         x = self.extract(images)
         b, h, w, d = x.shape
-        delta = (x - self.mean).reshape(b, h * w, d)
-        dist = mahalanobis(delta, self.precision.reshape(h * w, d, d))
+        delta = (x - mean).reshape(b, h * w, d)
+        dist = mahalanobis(delta, precision.reshape(h * w, d, d))
         return dist.reshape(b, h, w).cpu()
 
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

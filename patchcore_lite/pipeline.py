@@ -1,9 +1,9 @@
 """Fit a detector on a folder's normal images and evaluate it on its test set.
 
-The same loop serves PatchCore, SPADE, PaDiM and CFA: a *detector* has a
-``preprocess``, a ``config.batch_size``, ``fit(data)`` and
-``score_batch(images) -> (scores, maps)``. Every file is checked before the
-first image is processed, so bad input costs seconds, never a finished fit.
+The same loop serves PatchCore, SPADE, PaDiM and CFA: any ``detector.Detector``
+(a ``preprocess``, ``fit(data)`` and ``score_batch(images) -> (scores, maps)``).
+Every file is checked before the first image is processed, so bad input costs
+seconds, never a finished fit.
 """
 
 from __future__ import annotations
@@ -12,34 +12,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import check_backbone
-from .datasets import ImageDataset, Preprocess, Sample, check_size, train_test_samples, validate_samples
-from .errors import DataError, check_int, check_real
+from .datasets import ImageDataset, Sample, train_test_samples, validate_samples
+from .detector import Detector
+from .errors import DataError
 from .metrics import evaluate as compute_metrics
-
-
-class Detector(Protocol):
-    preprocess: Preprocess
-
-    def fit(self, data: object, progress: bool = True) -> object: ...
-
-    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def check_detector_config(config: Any, layers: Sequence[str]) -> None:
-    """The settings every detector's config shares (backbone, ``layers``, sizes, sigma, seed,
-    batch size), checked when the config is built: a ConfigError names the first bad one."""
-    check_backbone(config.backbone, layers)
-    check_size(config.resize, config.crop)
-    check_real("sigma", config.sigma, lambda v: v > 0, "> 0 (the anomaly map's Gaussian blur, paper: 4)")
-    check_int("seed", config.seed, 0)
-    check_int("batch_size", config.batch_size)
 
 
 def check_test_set(test: Sequence[Sample], where: str | Path) -> None:

@@ -2,7 +2,10 @@
 
 * Patch score (eq. 6, inner part): distance of each test patch to its nearest
   memory-bank patch, ``min_m ||m_test - m||_2`` (with ``k`` > 1, the mean over
-  the k nearest, as the official code's ``anomaly_score_num_nn``).
+  the k nearest, as the official code's ``anomaly_score_num_nn``). The distance
+  is Euclidean, as eq. 6 writes it; the official code uses the squared L2
+  distance faiss's ``IndexFlatL2`` returns (with k = 1 the same ranking of
+  image scores; other eq. 7 weights and maps).
 * Image score (eq. 6): ``s* = max`` over the image's patch scores.
 * Reweighting (eq. 7): ``s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)}
   exp||m_test* - m||) * s*``, where ``m_test*`` is the most anomalous patch,
@@ -20,11 +23,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
+from scipy.stats import kendalltau
 
 from .errors import check_int
 from .knn import NearestNeighbors
+from .metrics import image_auroc
 
 
 def patch_scores(
@@ -83,7 +90,7 @@ def gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps; equals scipy's gaussian_filter.
+    """Sec. 3.3's smoothing: separable Gaussian blur of (B, H, W) maps; equals scipy's gaussian_filter.
 
     Two 1-D passes cost 2(2r+1) multiply-adds per pixel instead of (2r+1)^2.
     Borders use scipy's default ``mode='reflect'`` (edge pixel repeated).
@@ -106,6 +113,26 @@ def _symmetric_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
 
 
 def anomaly_maps(scores: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
-    """Patch scores (B, h, w) -> pixel maps (B, H, W): bilinear upsampling, then blur."""
+    """Sec. 3.3: patch scores (B, h, w) -> pixel maps (B, H, W): bilinear upsampling, then blur."""
     upsampled = F.interpolate(scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return gaussian_blur(upsampled, sigma)
+
+
+def ranking_changes(before: ArrayLike, after: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+    """How a change of image scores (e.g. eq. 7's reweighting) reorders the test images.
+
+    Kendall's tau between the two rankings, the number of image pairs whose order flips
+    (of all pairs, and of normal-anomalous pairs, the only ones AUROC counts) and both AUROCs.
+    """
+    before, after, labels = np.asarray(before, float), np.asarray(after, float), np.asarray(labels)
+    if not before.shape == after.shape == labels.shape or before.ndim != 1:
+        raise ValueError(f"need three 1-D arrays of equal length, got {before.shape}, {after.shape}, {labels.shape}")
+    i, j = np.triu_indices(len(before), k=1)
+    flipped = np.sign(before[i] - before[j]) * np.sign(after[i] - after[j]) < 0
+    return {
+        "kendall_tau": float(kendalltau(before, after).statistic),
+        "flipped_pairs": int(flipped.sum()),
+        "flipped_normal_anomalous_pairs": int((flipped & (labels[i] != labels[j])).sum()),
+        "auroc_before": image_auroc(labels, before),
+        "auroc_after": image_auroc(labels, after),
+    }

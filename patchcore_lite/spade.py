@@ -29,17 +29,14 @@ hazelnut images 8.8 GB; for EfficientNet-Lite0 (D = 176) 0.86 GB.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from .backbone import Backbone
-from .datasets import Preprocess
+from .datasets import Data
+from .detector import BackboneDetector, check_detector_config
 from .errors import check_choice, check_int
 from .knn import BACKENDS, NearestNeighbors
-from .model import Data, image_batches
-from .pipeline import check_detector_config
 from .patches import patch_features
 from .scoring import anomaly_maps
 
@@ -70,31 +67,23 @@ class SpadeConfig:
         check_choice("knn_backend", self.knn_backend, BACKENDS)
 
 
-class Spade:
+class Spade(BackboneDetector[SpadeConfig]):
     """SPADE detector: ``fit`` stores features, ``score_batch`` runs both kNN stages.
 
-    Args:
-        config: a ``SpadeConfig``; keyword ``overrides`` replace its fields.
-        weights_path: backbone weights file instead of the default source.
-        device: where the backbone runs; the searches stay on the CPU.
+    Args: as ``BackboneDetector`` (``SpadeConfig``); the searches stay on the CPU.
     """
 
-    def __init__(
-        self,
-        config: SpadeConfig | None = None,
-        weights_path: str | Path | None = None,
-        device: str = "cpu",
-        **overrides,
-    ) -> None:
-        self.config = c = replace(config or SpadeConfig(), **overrides)
-        self.device = torch.device(device)
-        layers = tuple(dict.fromkeys((*c.pixel_layers, c.image_layer)))
-        self.backbone = Backbone(c.backbone, layers, c.pretrained, weights_path, c.seed).to(self.device)
-        self.preprocess = Preprocess(resize=c.resize, crop=c.crop, mean=self.backbone.mean, std=self.backbone.std)
+    config_class = SpadeConfig
+
+    def _setup(self) -> None:
         self.image_features: torch.Tensor | None = None  # (N, C) pooled, eq. 1
         self.pixel_features: torch.Tensor | None = None  # (N, h, w, D) gallery source, eq. 2
         self.image_index: NearestNeighbors | None = None
         self._gallery: tuple[tuple[int, ...], NearestNeighbors] | None = None  # last gallery, reused
+
+    def backbone_layers(self) -> tuple[str, ...]:
+        """The pixel pyramid's stages and the pooled image stage, each once."""
+        return tuple(dict.fromkeys((*self.config.pixel_layers, self.config.image_layer)))
 
     @torch.inference_mode()
     def extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,26 +96,20 @@ class Spade:
 
     def fit(self, data: Data, progress: bool = True) -> Spade:
         """Store the pooled and pixel features of the normal training images (no training)."""
-        n = len(data)
-        if n == 0:
-            raise ValueError("no images given: the folder or list is empty")
-        pooled, pixels, start = None, None, 0
-        for batch in image_batches(data, self.preprocess, self.config.batch_size, progress, "SPADE features (train)"):
-            p, x = self.extract(batch)
-            if pooled is None or pixels is None:  # preallocate: no per-batch tensors kept alive
-                pooled, pixels = torch.empty(n, *p.shape[1:]), torch.empty(n, *x.shape[1:])
-            pooled[start : start + len(p)], pixels[start : start + len(x)] = p, x
-            start += len(p)
-        self.image_features, self.pixel_features = pooled, pixels
-        self.image_index = NearestNeighbors(pooled, self.config.knn_backend, seed=self.config.seed)
+        self.image_features, self.pixel_features = self.extract_all(data, progress, "SPADE features (train)")
+        self.image_index = NearestNeighbors(self.image_features, self.config.knn_backend, seed=self.config.seed)
         self._gallery = None
         return self
 
-    @property
-    def memory_bytes(self) -> int:
-        """Size of what SPADE keeps per category: every training pixel feature plus the pooled ones."""
-        kept = (self.image_features, self.pixel_features)
-        return sum(t.numel() * t.element_size() for t in kept if t is not None)
+    def _kept(self) -> list[torch.Tensor | None]:
+        """What SPADE keeps per category: every training pixel feature plus the pooled ones."""
+        return [self.image_features, self.pixel_features]
+
+    def _check_fitted(self) -> tuple[NearestNeighbors, torch.Tensor]:
+        """The image index and the training pixel features, once ``fit`` has run."""
+        if self.image_index is None or self.pixel_features is None:
+            raise RuntimeError("this SPADE has no training features yet: call fit() first")
+        return self.image_index, self.pixel_features
 
     def _distance(self, dist: torch.Tensor) -> torch.Tensor:
         """Mean over the neighbours (columns) of squared (paper) or plain distances."""
@@ -134,11 +117,10 @@ class Spade:
 
     def distances(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eq. 1 image scores (B,), eq. 2 pixel scores on the feature grid (B, h, w), neighbours (B, K)."""
-        if self.image_index is None or self.pixel_features is None:
-            raise RuntimeError("this SPADE has no training features yet: call fit() first")
+        image_index, train_pixels = self._check_fitted()
         c = self.config
         pooled, pixels = self.extract(images)
-        dist, neighbours = self.image_index.search(pooled, k=min(c.k, len(self.pixel_features)))
+        dist, neighbours = image_index.search(pooled, k=min(c.k, len(train_pixels)))
         b, h, w, d = pixels.shape
         maps = torch.stack([
             self._distance(self._gallery_index(nearest).search(x.reshape(-1, d), c.kappa)[0])

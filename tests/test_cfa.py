@@ -11,14 +11,13 @@ from patchcore_lite.cfa import (
     cfa_loss,
     coordinate_channels,
     cut_paste,
-    hypersphere_toy,
-    hypersphere_view,
     nearest_squared,
     softmin_score,
     split_indices,
 )
 from patchcore_lite.datasets import train_test_samples
 from patchcore_lite.errors import ConfigError, DataError
+from patchcore_lite.hypersphere import hypersphere_toy, hypersphere_view
 from patchcore_lite.pipeline import evaluate, fit_evaluate
 
 

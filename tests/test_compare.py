@@ -17,6 +17,7 @@ def test_tiny_run_gives_complete_rows(synthetic_root):
         assert list(row) == list(COLUMNS)
         assert row["category"] == "disc"
         assert all(0 <= row[m] <= 1 for m in ("image_auroc", "pixel_auroc", "aupro"))
+        assert row["pixel_auroc"] > 0.75, row  # every method localises, even at 64 px (measured 0.84-0.99)
         assert all(math.isfinite(row[c]) and row[c] > 0 for c in ("fit_s", "infer_ms_per_image", "memory_mb"))
     memory = {r["name"]: r["memory_mb"] for r in rows}
     # Coreset ratios order the PatchCore banks; SPADE keeps every training feature.

@@ -1,4 +1,4 @@
-"""Greedy coreset (Algorithm 1): the fast path equals the plain loop, k-center properties, projection."""
+"""Greedy coreset (Algorithm 1): the fast path equals the plain reference loop, k-center properties, projection."""
 
 import itertools
 import warnings
@@ -12,6 +12,7 @@ from patchcore_lite.coreset import (
     coreset_radius,
     coverage_curve,
     greedy_coreset,
+    greedy_coreset_reference,
     jl_dimension,
     random_coreset,
     random_projection,
@@ -77,6 +78,33 @@ def test_fast_equals_plain_tiny_hot_set(monkeypatch, seed, window):
     for start in ("official", "single"):
         fast = greedy_coreset(x, 120, start=start, seed=seed)
         assert torch.equal(fast, greedy_coreset(x, 120, start=start, seed=seed, fast=False))
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "kind", "seed"),
+    [(2000, 200, "clusters", 0), (1600, 160, "duplicates", 1), (800, 64, "grid", 2), (3000, 256, "grid", 3)],
+)
+def test_reference_loop_picks_what_the_default_path_picks(n, d, kind, seed):
+    """The readable Algorithm 1 loop, on raw features, equals select_coreset (projection + fast path)
+    and greedy_coreset on the projected features, for both start rules; d = 64 < 128 is not projected."""
+    g = _gen(seed)
+    if kind == "clusters":
+        x = _clustered(n, d, 12, seed)
+    elif kind == "duplicates":  # every point four times
+        x = torch.randn(n // 4, d, generator=g).repeat(4, 1)
+    else:  # integer grid: many exactly equal distances
+        x = torch.randint(0, 3, (n, d), generator=g).float()
+    k = n // 10
+    reference = greedy_coreset_reference(x, k, seed=seed)
+    assert len(reference.unique()) == k
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast path must really run here
+        assert torch.equal(select_coreset(x, 0.1, seed=seed), reference)
+        projected = random_projection(x, 128, seed=seed)
+        for start in cs.STARTS:
+            expected = greedy_coreset_reference(x, k, start=start, seed=seed)
+            assert torch.equal(greedy_coreset(projected, k, start, seed=seed), expected)
+            assert torch.equal(greedy_coreset_reference(projected, k, None, start, seed=seed), expected)
 
 
 def test_fast_path_falls_back_when_kernels_differ(monkeypatch):
@@ -213,7 +241,9 @@ def test_random_coreset_deterministic():
 
 def test_select_coreset_projects_with_jl_eps():
     x = torch.randn(400, 512, generator=_gen(5))
-    assert len(select_coreset(x, 0.05, eps=0.9)) == 20
+    projected = random_projection(x, eps=0.9)
+    assert projected.shape[1] == jl_dimension(400, 0.9) != 128  # eps, not projection_dim, sets psi
+    assert torch.equal(select_coreset(x, 0.05, eps=0.9), greedy_coreset(projected, 20))
 
 
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.5])

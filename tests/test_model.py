@@ -38,6 +38,13 @@ def test_predict_gives_scores_and_input_sized_maps(fitted):
     pred = model.predict(test[:3], progress=False)
     assert pred.scores.shape == (3,) and pred.maps.shape == (3, 224, 224)
     assert np.isfinite(pred.maps).all() and (pred.maps >= 0).all()
+    # The scores and maps of score_batch, in the order given, from samples or from paths.
+    images = torch.stack([item["image"] for item in ImageDataset(test[:3], model.preprocess)])
+    scores, maps = model.score_batch(images)
+    np.testing.assert_allclose(pred.scores, scores.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(pred.maps, maps.numpy(), rtol=1e-5, atol=1e-5)
+    reversed_paths = [str(s.path) for s in test[:3]][::-1]
+    np.testing.assert_allclose(model.predict(reversed_paths, progress=False).scores, pred.scores[::-1], rtol=1e-5)
 
 
 def test_training_images_score_lower_than_anomalies(fitted):
@@ -184,7 +191,7 @@ def test_damaged_or_foreign_model_files_are_refused_before_the_backbone_is_built
 ):
     bank, meta = _damage(*_good_parts(fitted, tmp_path), case)
     path = _write_model(tmp_path / "damaged.npz", bank, meta)
-    monkeypatch.setattr("patchcore_lite.model.Backbone", lambda *a, **k: pytest.fail("backbone built"))
+    monkeypatch.setattr("patchcore_lite.detector.Backbone", lambda *a, **k: pytest.fail("backbone built"))
     with pytest.raises(ModelFileError, match=f"{path}.*{_EXPECTED[case]}"):
         PatchCore.load(path)
 

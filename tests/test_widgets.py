@@ -10,6 +10,8 @@ import torch
 from matplotlib.figure import Figure
 
 from patchcore_lite import widgets
+from patchcore_lite.experiments import patch_size_results
+from patchcore_lite.patches import neighbour_change, principal_component_map
 
 SIZES = (1, 3)
 
@@ -17,7 +19,7 @@ SIZES = (1, 3)
 @pytest.fixture(scope="module")
 def results(synthetic_root: Path) -> dict:
     # A 1% coreset keeps the two fits quick; the figure and numbers do not depend on it.
-    return widgets.patch_size_results(synthetic_root / "tile", SIZES, coreset_ratio=0.01)
+    return patch_size_results(synthetic_root / "tile", SIZES, coreset_ratio=0.01)
 
 
 def titles(fig: Figure) -> list[str]:
@@ -43,17 +45,17 @@ def test_larger_neighbourhoods_give_smoother_features(results):
 
 
 def test_neighbour_change_analytic():
-    assert widgets.neighbour_change(torch.ones(4, 5, 3)) == 0.0
+    assert neighbour_change(torch.ones(4, 5, 3)) == 0.0
     checkerboard = torch.tensor([[0.0, 1.0], [1.0, 0.0]])[..., None]
     # Every adjacent pair differs by 1; the mean norm is 0.5.
-    assert widgets.neighbour_change(checkerboard) == pytest.approx(2.0)
+    assert neighbour_change(checkerboard) == pytest.approx(2.0)
 
 
 def test_principal_component_map_follows_the_main_direction_with_a_fixed_sign():
     columns = torch.arange(6.0).expand(4, 6)  # feature grows along the width
     along = torch.stack([columns, torch.zeros(4, 6)], dim=-1)
     against = torch.stack([-columns, torch.zeros(4, 6)], dim=-1)
-    up, down = widgets.principal_component_map(along), widgets.principal_component_map(against)
+    up, down = principal_component_map(along), principal_component_map(against)
     assert up.shape == (4, 6)
     np.testing.assert_allclose(up, np.tile(np.arange(6.0) - 2.5, (4, 1)), atol=1e-5)
     np.testing.assert_allclose(down, -up, atol=1e-5)  # loadings summing >= 0 fix the sign

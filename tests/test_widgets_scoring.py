@@ -12,7 +12,11 @@ from matplotlib.figure import Figure
 from patchcore_lite import widgets
 from patchcore_lite.coreset import coreset_radius, select_coreset
 from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.experiments import coreset_results, evaluate_bank, search_tradeoff, split_features
+from patchcore_lite.metrics import read_paper_results
 from patchcore_lite.model import PatchCore
+from patchcore_lite.patches import principal_components
+from patchcore_lite.scoring import ranking_changes
 
 RATIOS = (0.01, 0.05, 0.2, 1.0)
 GRID, CELL = 8, 4  # fake test images: 8 x 8 patches of 4 x 4 pixels
@@ -45,18 +49,18 @@ def test_set(bank: torch.Tensor) -> dict:
 
 @pytest.fixture(scope="module")
 def results(bank: torch.Tensor, test_set: dict) -> dict:
-    return widgets.coreset_results(bank, test_set, ratios=RATIOS)
+    return coreset_results(bank, test_set, ratios=RATIOS)
 
 
 def test_principal_components_find_the_main_axes_with_fixed_signs():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 3, generator=g) * torch.tensor([10.0, 3.0, 0.1])
-    pcs = widgets.principal_components(x, 2)
+    pcs = principal_components(x, 2)
     assert pcs.shape == (500, 2)
     centred = (x - x.mean(dim=0)).numpy()
     assert abs(np.corrcoef(pcs[:, 0], centred[:, 0])[0, 1]) > 0.99
     assert abs(np.corrcoef(pcs[:, 1], centred[:, 1])[0, 1]) > 0.99
-    np.testing.assert_allclose(widgets.principal_components(-x, 2), -pcs, atol=1e-4)  # axes' signs fixed by loadings
+    np.testing.assert_allclose(principal_components(-x, 2), -pcs, atol=1e-4)  # axes' signs fixed by loadings
 
 
 def test_coreset_sweep_uses_the_coresets_select_coreset_returns(bank, results):
@@ -124,18 +128,18 @@ def test_coreset_slider_updates_the_numbers(results):
 
 def test_coreset_results_checks_ratios(bank, test_set):
     with pytest.raises(ValueError, match="coreset ratios"):
-        widgets.coreset_results(bank, test_set, ratios=(0.1, 1.5))
+        coreset_results(bank, test_set, ratios=(0.1, 1.5))
 
 
 def test_ranking_changes_on_a_hand_made_case():
-    changes = widgets.ranking_changes([1, 2, 3, 4], [1, 3, 2, 4], [0, 0, 1, 1])
+    changes = ranking_changes([1, 2, 3, 4], [1, 3, 2, 4], [0, 0, 1, 1])
     assert changes["flipped_pairs"] == 1 and changes["flipped_normal_anomalous_pairs"] == 1
     assert changes["kendall_tau"] == pytest.approx(4 / 6)
     assert changes["auroc_before"] == 1.0 and changes["auroc_after"] == 0.75
-    same = widgets.ranking_changes([1, 2, 3], [10, 20, 30], [0, 1, 1])
+    same = ranking_changes([1, 2, 3], [10, 20, 30], [0, 1, 1])
     assert same["flipped_pairs"] == 0 and same["kendall_tau"] == 1.0
     with pytest.raises(ValueError, match="equal length"):
-        widgets.ranking_changes([1, 2], [1, 2, 3], [0, 1])
+        ranking_changes([1, 2], [1, 2, 3], [0, 1])
 
 
 def test_search_tradeoff_exact_and_exhaustive_searches_find_every_neighbour(bank, test_set):
@@ -145,7 +149,7 @@ def test_search_tradeoff_exact_and_exhaustive_searches_find_every_neighbour(bank
         "ivf, all cells": {"index": "ivf", "nlist": 4, "nprobe": 4},
         "ivfpq": {"index": "ivfpq", "nlist": 4, "m": 8, "nprobe": 4},
     }
-    rows = {row["search"]: row for row in widgets.search_tradeoff(bank, test_set, searches)}
+    rows = {row["search"]: row for row in search_tradeoff(bank, test_set, searches)}
     for name in ("flat", "torch", "ivf, all cells"):
         assert rows[name]["recall_at_1"] == 1.0 and rows[name]["distance_error"] < 1e-3  # float32 rounding
         assert rows[name]["image_auroc"] == 1.0
@@ -155,7 +159,7 @@ def test_search_tradeoff_exact_and_exhaustive_searches_find_every_neighbour(bank
 def test_read_paper_results_parses_numbers_and_keeps_the_sources(tmp_path: Path):
     path = tmp_path / "paper.csv"
     path.write_text("# Source: a paper, Table 1.\n# second line\nmethod,image_auroc\nA,99.0\nB,n/a\n")
-    rows, notes = widgets.read_paper_results(path)
+    rows, notes = read_paper_results(path)
     assert rows == [{"method": "A", "image_auroc": 99.0}, {"method": "B", "image_auroc": "n/a"}]
     assert notes == "Source: a paper, Table 1.\nsecond line"
 
@@ -170,19 +174,19 @@ def small_model(synthetic_root: Path):
 
 def test_split_features_and_evaluate_bank_reproduce_patchcore_predict(small_model):
     model, _, test = small_model
-    test_set = widgets.split_features(model, test)
+    test_set = split_features(model, test)
     assert test_set["features"].shape == (4, 28, 28, model.memory_bank.shape[1])
     assert test_set["masks"].shape == (4, 224, 224) and test_set["masks"].dtype == bool
     assert test_set["images"].shape == (4, 224, 224, 3) and 0 <= test_set["images"].min() <= test_set["images"].max() <= 1
     assert test_set["labels"].tolist() == [s.label for s in test] == [0, 0, 1, 1]
-    row, _ = widgets.evaluate_bank(model.memory_bank, test_set, model.config)
+    row, _ = evaluate_bank(model.memory_bank, test_set, model.config)
     np.testing.assert_allclose(row["scores"], model.predict(test, progress=False).scores, rtol=1e-5)
 
 
 def test_fitted_bank_is_in_greedy_pick_order(small_model):
     # Chapter 5 takes the first k rows of a fitted bank as the k-pick coreset.
     model, train, _ = small_model
-    full = widgets.split_features(model, train)["features"].flatten(0, 2)
+    full = split_features(model, train)["features"].flatten(0, 2)
     assert torch.equal(model.memory_bank, full[select_coreset(full, 0.1, seed=0)])
     smaller = select_coreset(full, 0.02, seed=0)
     assert torch.equal(model.memory_bank[: len(smaller)], full[smaller])
