@@ -9,7 +9,6 @@ A static page cannot recompute: chapters also draw each widget's figure at a few
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .metrics import METRIC_LABELS
-from .viz import overlay
+from .viz import overlay, png_bytes
 
 View = Callable[..., tuple[Figure, dict[str, Any]]]
 
@@ -38,9 +37,7 @@ def interactive_view(view: View, **sliders: Any) -> Any:
 
     def redraw(_: Any = None) -> None:
         figure, box.result = view(**{name: slider.value for name, slider in sliders.items()})
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        image.value = buffer.getvalue()
+        image.value = png_bytes(figure)
 
     for slider in sliders.values():
         slider.observe(redraw, names="value")
