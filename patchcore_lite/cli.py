@@ -72,6 +72,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="greedy k-center (Algorithm 1) or random subsampling (default: %(default)s)")
     g.add_argument("--no-reweight", action="store_true", help="image score = max patch distance (official code) "
                    "instead of the paper's eq. 7 reweighting")
+    g.add_argument("--squared-distances", action="store_true", help="patch scores are squared L2 distances "
+                   "(official code) instead of the Euclidean distances of the paper's eq. 6")
     g.add_argument("--knn", choices=BACKENDS, default=d.knn_backend, help="search backend (default: %(default)s)")
     g.add_argument("--knn-index", choices=INDEXES, default=d.knn_index,
                    help="flat = exact; ivf, ivfpq = approximate and faster, faiss only (default: %(default)s)")
@@ -98,7 +100,7 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
         resize=base.resize if args.resize is None else args.resize,
         crop=base.crop if args.crop is None else args.crop,
         patch_size=args.patch_size, feature_mode=args.feature_mode, coreset_ratio=args.coreset_ratio,
-        coreset_method=args.coreset_method, reweight=not args.no_reweight, knn_backend=args.knn,
+        coreset_method=args.coreset_method, reweight=not args.no_reweight, squared=args.squared_distances, knn_backend=args.knn,
         knn_index=args.knn_index, knn_nprobe=PatchCoreConfig.knn_nprobe if args.nprobe is None else args.nprobe,
         seed=args.seed, batch_size=args.batch_size,
     )

@@ -24,14 +24,15 @@ reweight, b       True, 9              paper eq. 7, b as anomalib (official: off
 sigma             4                    paper Sec. 3.3 / official
 knn               faiss flat           official (exact L2)
 knn_nprobe        16                   ivf/ivfpq only; chosen on MTD (RESULTS.md)
-distance          Euclidean ||.||_2    paper eq. 6; official: squared L2 (see below)
+squared           False                paper eq. 6 (Euclidean); True = official (squared L2)
 ================  ===================  =============================================
 
 Scores: a patch score is the Euclidean distance to the nearest bank patch, the
 L2 norm eq. 6 is written with. The official code scores with the *squared* L2
 distance (faiss ``IndexFlatL2`` returns squared distances and it keeps them);
 with k = 1 squaring changes no ranking of eq. 6's image scores, but it does
-change eq. 7's weights and the upsampled, blurred maps.
+change the upsampled, blurred maps (and the means over k > 1 neighbours).
+``squared=True`` (``--squared-distances``) scores as the official code does.
 
 Search: exact search costs ``2 N M D`` flops per image (N test patches, M bank
 vectors), so at a bottle-size bank it takes most of the inference time on a CPU.
@@ -85,6 +86,7 @@ class PatchCoreConfig:
     k: int = 1
     reweight: bool = True
     reweight_b: int = 9
+    squared: bool = False  # official code: squared L2 patch scores; paper eq. 6: Euclidean
     sigma: float = 4.0
     knn_backend: str = "faiss"
     knn_index: str = "flat"
@@ -270,7 +272,7 @@ def score_features(
     reweighting, if ``config.reweight``) and the maps (upsampled to ``size``, blurred by
     ``config.sigma``): what ``PatchCore.score_features`` does, for any memory bank.
     """
-    dist, nearest = patch_scores(features, index, config.k)
+    dist, nearest = patch_scores(features, index, config.k, config.squared)
     scores = image_scores(features, dist, nearest, index, config.reweight, config.reweight_b)
     return scores, anomaly_maps(dist, tuple(size), config.sigma)
 

@@ -35,11 +35,16 @@ from .metrics import image_auroc
 
 
 def patch_scores(
-    features: torch.Tensor, index: NearestNeighbors, k: int = 1
+    features: torch.Tensor, index: NearestNeighbors, k: int = 1, squared: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 6 (inner): distances (B, H, W) to the bank and nearest bank indices (B, H, W)."""
+    """Eq. 6 (inner): distances (B, H, W) to the bank and nearest bank indices (B, H, W).
+
+    ``squared=True`` averages squared L2 distances, as the official code; False (default) the
+    Euclidean distances eq. 6 is written with. Eq. 7's weight always uses Euclidean distances.
+    """
     b, h, w, d = features.shape
     dist, idx = index.search(features.reshape(-1, d), k=k)
+    dist = dist.square() if squared else dist
     return dist.mean(dim=1).reshape(b, h, w), idx[:, 0].reshape(b, h, w)
 
 

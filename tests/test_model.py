@@ -4,6 +4,7 @@ import json
 import os
 import stat
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -300,3 +301,18 @@ def test_real_hazelnut(mvtec_reduced):
     result = fit_evaluate(PatchCore(), root, progress=False)
     assert result.metrics["image_auroc"] >= 0.9 and result.metrics["pixel_auroc"] >= 0.9
     assert image_auroc(result.labels, result.scores) == result.metrics["image_auroc"]
+
+
+def test_squared_distances_score_as_the_official_code(fitted):
+    """squared=True: eq. 6's patch scores squared (official), the same image ranking, other maps."""
+    model, _, test = fitted
+    images = torch.stack([item["image"] for item in ImageDataset(test[:6] + test[-6:], model.preprocess)])
+    features = model.extract(images)
+    index = model._check_fitted()
+    plain = replace(model.config, reweight=False)
+    squared = replace(plain, squared=True)
+    s_plain, m_plain = score_features(features, index, plain, (224, 224))
+    s_squared, m_squared = score_features(features, index, squared, (224, 224))
+    torch.testing.assert_close(s_squared, s_plain.square(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(s_squared.argsort(), s_plain.argsort())
+    assert not torch.allclose(m_squared, m_plain.square(), rtol=1e-3)  # blur of squares != square of blur
