@@ -3,7 +3,7 @@
     python benchmarks/bench_coreset.py                       # uniform and clustered 163,856 x 128, 10 %
     python benchmarks/bench_coreset.py --data clustered --no-plain
     python benchmarks/bench_coreset.py --features bank.npy   # your own (N, D) bank, projected to --dim
-    python benchmarks/bench_coreset.py --dataset ../shared/data/magnetic_tile --train-images 209
+    python benchmarks/bench_coreset.py --dataset $PATCHCORE_DATA/magnetic_tile --train-images 209
 
 Banks: "uniform" is i.i.d. N(0, 1) noise (nothing to exploit: the worst case);
 "clustered" is a Gaussian mixture, closer to real patch features (background

@@ -1,7 +1,7 @@
 """Nearest-neighbour search for eq. 6: every backend against the straightforward search, per test image.
 
     python benchmarks/bench_knn.py                       # synthetic 16,385-vector banks, D = 152, 1024, 1536
-    python benchmarks/bench_knn.py --dataset ../shared/data/magnetic_tile --train-images 209 --evaluate
+    python benchmarks/bench_knn.py --dataset $PATCHCORE_DATA/magnetic_tile --train-images 209 --evaluate
 
 Synthetic: a Gaussian mixture bank (200 components) and queries near bank vectors;
 easy for approximate search. ``--dataset``: real features. PatchCore (defaults) is fit

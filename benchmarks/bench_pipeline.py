@@ -1,7 +1,7 @@
 """PatchCore's costs end to end: fit (features, coreset, memory) and inference per search, stage by stage.
 
     python benchmarks/bench_pipeline.py                                   # a synthetic category
-    python benchmarks/bench_pipeline.py --data ../shared/data/magnetic_tile --train-images 209
+    python benchmarks/bench_pipeline.py --data $PATCHCORE_DATA/magnetic_tile --train-images 209
     python benchmarks/bench_pipeline.py --data path/to/bottle --backbone wide_resnet50_2
 
 Fit: feature extraction in images/s, with batch norms folded (default) and, in the

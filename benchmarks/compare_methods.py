@@ -3,8 +3,8 @@
     nice -n 10 python benchmarks/compare_methods.py                    # synthetic + reduced MVTec
     python benchmarks/compare_methods.py --methods PaDiM PatchCore-10% --categories tile --no-real
 
-Runs ``patchcore_lite.compare.compare`` on every synthetic category and, when
-``../shared/data/mvtec_reduced`` exists, on its hazelnut and transistor folders;
+Runs ``patchcore_lite.compare.compare`` on every synthetic category and on the real
+hazelnut and transistor categories found under the data root (``download.mvtec_category``);
 prints one table per dataset plus the per-method means, and writes
 ``results.csv`` and ``compare_methods.png`` (bar plot of the means) to ``--out``.
 """
@@ -12,16 +12,15 @@ prints one table per dataset plus the per-method means, and writes
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from patchcore_lite.compare import DETECTORS, METRICS, compare, summarise
+from patchcore_lite.download import data_root, mvtec_category
 from patchcore_lite.metrics import format_table, write_results
 from patchcore_lite.synthetic import CATEGORIES, ensure_synthetic
 from patchcore_lite.viz import plot_bar
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PATCHCORE_SHARED_DATA", REPO.parent / "shared" / "data"))
 REAL_CATEGORIES = ("hazelnut", "transistor")
 
 
@@ -30,8 +29,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(DETECTORS), choices=list(DETECTORS))
     p.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=list(CATEGORIES),
                    help="synthetic categories")
-    p.add_argument("--real-root", type=Path, default=SHARED / "mvtec_reduced",
-                   help="folder with reduced MVTec categories (skipped if absent)")
     p.add_argument("--no-real", action="store_true", help="synthetic data only")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--seed", type=int, default=0)
@@ -44,11 +41,11 @@ def datasets(args: argparse.Namespace) -> dict[str, list[Path]]:
     """Category folders per dataset name; real data only where it exists."""
     synthetic = ensure_synthetic()
     found = {"synthetic": [synthetic / c for c in args.categories]}
-    real = [args.real_root / c for c in REAL_CATEGORIES if (args.real_root / c).is_dir()]
+    real = [folder for c in REAL_CATEGORIES if (folder := mvtec_category(c)) is not None]
     if real and not args.no_real:
-        found["mvtec_reduced"] = real
+        found["mvtec"] = real
     elif not args.no_real:
-        print(f"no reduced MVTec data at {args.real_root}: synthetic only")
+        print(f"no MVTec AD {' or '.join(REAL_CATEGORIES)} under {data_root()}: synthetic only")
     return found
 
 

@@ -74,3 +74,15 @@ def data_summary() -> str:
         return f"real data in {data_root()}: {', '.join(found)}"
     return (f"no real data in {data_root()}, so this runs on synthetic data only; "
             "to add a real category: python -m patchcore_lite download mvtec_ad hazelnut")
+
+
+def mvtec_category(name: str) -> Path | None:
+    """A real MVTec AD category below the data root: the full download if present, else the reduced copy."""
+    return locate(f"mvtec_ad/{name}", f"mvtec_reduced/{name}")
+
+
+def dataset_label(folder: Path) -> str:
+    """How a chapter names a real data folder: "MVTec AD hazelnut (reduced)", "Magnetic Tile Defects"."""
+    if folder.name == "magnetic_tile":
+        return "Magnetic Tile Defects"
+    return f"MVTec AD {folder.name}" + (" (reduced)" if folder.parent.name == "mvtec_reduced" else "")
