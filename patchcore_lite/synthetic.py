@@ -2,7 +2,12 @@
 
 It lets the book and the tests run without downloading anything. Three textures
 (``stripes``, ``grain``, ``tile``) and one object (``disc``), each with 30 normal
-training images, 10 normal test images and 4 test images per defect type.
+training images, 20 normal test images and 5 test images per defect type.
+
+It is meant to be hard enough to teach with: a default PatchCore does not solve it.
+Every defect's strength is drawn from a wide range, down to faint (a few grey levels,
+a thin line, a change of texture only), and normal images carry irregularities that
+look like defects (knots, slubs, glaze specks, highlights, the disc's rim notch).
 
 Everything is drawn with NumPy on float64 arrays (no PIL drawing, whose
 rasterisation changes between versions) from seeded PCG64 generators, so the pixels
@@ -11,7 +16,8 @@ build (two runs on one machine give identical files).
 
 Every image is rendered in layers: an albedo (surface colour), a lighting field and
 sensor noise. A defect only changes the albedo inside its shape, with hard edges,
-so its mask is exactly the set of changed pixels. Normal images vary in lighting,
+and every pixel there by at least ``_MIN_CHANGE``, so its mask is exactly the set of
+changed pixels. Normal images vary in lighting,
 colour, phase, orientation and pose, so that a defect cannot be found from global
 colour statistics, only by looking at local structure.
 
