@@ -2,7 +2,12 @@
 
 It lets the book and the tests run without downloading anything. Three textures
 (``stripes``, ``grain``, ``tile``) and one object (``disc``), each with 30 normal
-training images, 10 normal test images and 4 test images per defect type.
+training images, 20 normal test images and 5 test images per defect type.
+
+It is meant to be hard enough to teach with: a default PatchCore does not solve it.
+Every defect's strength is drawn from a wide range, down to faint (a few grey levels,
+a thin line, a change of texture only), and normal images carry irregularities that
+look like defects (knots, slubs, glaze specks, highlights, the disc's rim notch).
 
 Everything is drawn with NumPy on float64 arrays (no PIL drawing, whose
 rasterisation changes between versions) from seeded PCG64 generators, so the pixels
@@ -11,7 +16,8 @@ build (two runs on one machine give identical files).
 
 Every image is rendered in layers: an albedo (surface colour), a lighting field and
 sensor noise. A defect only changes the albedo inside its shape, with hard edges,
-so its mask is exactly the set of changed pixels. Normal images vary in lighting,
+and every pixel there by at least ``_MIN_CHANGE``, so its mask is exactly the set of
+changed pixels. Normal images vary in lighting,
 colour, phase, orientation and pose, so that a defect cannot be found from global
 colour statistics, only by looking at local structure.
 
@@ -44,13 +50,17 @@ if TYPE_CHECKING:
     from .datasets import Preprocess
 
 DEFECTS: dict[str, tuple[str, ...]] = {
-    "stripes": ("hole", "scratch", "stain"),
-    "grain": ("crack", "scratch", "stain"),
-    "tile": ("crack", "hole", "stain"),
+    "stripes": ("hole", "misweave", "scratch", "stain"),
+    "grain": ("crack", "sanding", "scratch", "stain"),
+    "tile": ("crack", "glaze", "hole", "stain"),
     "disc": ("hole", "missing_piece", "scratch", "stain"),
 }
 CATEGORIES: tuple[str, ...] = tuple(DEFECTS)
-N_TRAIN, N_TEST_GOOD, N_PER_DEFECT = 30, 10, 4
+N_TRAIN, N_TEST_GOOD, N_PER_DEFECT = 30, 20, 5
+
+# The least change a defect makes to a pixel it covers, in albedo (about 4 grey levels under
+# the dimmest lighting): defects may be faint, but every pixel of their mask changes.
+_MIN_CHANGE = 6 / 255
 
 # Defects stay inside the centre 224/256 of the image: the default pipeline
 # (resize 256, centre crop 224) must not cut them.
@@ -70,6 +80,7 @@ class _Scene:
     light: np.ndarray  # (H, W) multiplicative illumination
     noise: np.ndarray  # (H, W) additive sensor noise
     background: np.ndarray | None = None  # (3, H, W) what shows where part of an object breaks off
+    flaw: np.ndarray | None = None  # (3, H, W) the same surface with its texture disturbed (texture defects)
 
 
 # ----------------------------------------------------------------------------- drawing helpers
@@ -120,25 +131,34 @@ def _tint(rng: np.random.Generator, colour: tuple[float, float, float]) -> np.nd
     return (np.asarray(colour) * rng.uniform(0.95, 1.05, size=3))[:, None, None]
 
 
-def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+def _mix(a: np.ndarray, b: np.ndarray, t: np.ndarray | float) -> np.ndarray:
     """Per-pixel blend of colours ``a`` and ``b`` (3, ...) by ``t`` (...)."""
     return a + (b - a) * t
 
 
 def _lighting(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """A global gain with a linear gradient, and +-4 grey levels of pixel noise."""
-    gain = rng.uniform(0.88, 1.08)
+    """A global gain with a linear gradient, in half the images a soft highlight or shadow, and +-4 grey levels of noise.
+
+    The highlight or shadow is normal: a detector that flags local brightness changes flags it too.
+    """
+    gain = rng.uniform(0.85, 1.05)
     gy, gx = rng.uniform(-0.12, 0.12, size=2)
     ramp = np.arange(n) / n - 0.5
     light = gain * (1 + gy * ramp[:, None] + gx * ramp[None, :])
+    if rng.random() < 0.5:
+        cy, cx = rng.uniform(0.15, 0.85, size=2) * n
+        sigma = rng.uniform(20, 50) * n / 256
+        yy, xx = _grid(n)
+        spot = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+        light = light * (1 + rng.uniform(-0.12, 0.12) * spot)
     noise = (rng.random((n, n)) - 0.5) * (8 / 255)
     return light, noise
 
 
-def _texture_scene(rng: np.random.Generator, albedo: np.ndarray) -> _Scene:
+def _texture_scene(rng: np.random.Generator, albedo: np.ndarray, flaw: np.ndarray) -> _Scene:
     n = albedo.shape[1]
     light, noise = _lighting(rng, n)
-    return _Scene(albedo, np.ones((n, n), dtype=bool), light, noise)
+    return _Scene(albedo, np.ones((n, n), dtype=bool), light, noise, flaw=flaw)
 
 
 def _polyline(n: int, points: np.ndarray, width: float) -> np.ndarray:
@@ -155,33 +175,59 @@ def _polyline(n: int, points: np.ndarray, width: float) -> np.ndarray:
     return shape
 
 
+def _spots(rng: np.random.Generator, n: int, count: int, radius: tuple[float, float]) -> np.ndarray:
+    """(H, W) bool: ``count`` small discs at random places (normal blemishes)."""
+    spots = np.zeros((n, n), dtype=bool)
+    for _ in range(count):
+        cy, cx, r = *rng.uniform(0, n, size=2), rng.uniform(*radius) * n / 256
+        box, yy, xx = _box(n, cy, cx, r)
+        spots[box] |= np.hypot(yy - cy, xx - cx) <= r
+    return spots
+
+
 # ----------------------------------------------------------------------------- normal images
 
 
 def _stripes(rng: np.random.Generator, n: int) -> _Scene:
-    """Woven fabric with coloured stripes: bands across, a twill of threads inside."""
+    """Woven fabric with coloured stripes: bands across, a twill of threads inside, the odd thick thread (slub)."""
     s = n / 256
-    u, v = _rotate(*_grid(n), np.deg2rad(rng.uniform(-3, 3)))
-    period = 22 * s * rng.uniform(0.97, 1.03)
-    bands = _smoothstep((0.5 + 0.5 * np.sin(2 * np.pi * (u / period + rng.random())) - 0.3) / 0.4)
-    twill = 0.86 + 0.14 * (0.5 + 0.5 * np.sin(2 * np.pi * (u + v) / (5 * s) + rng.uniform(0, 2 * np.pi)))
-    albedo = _mix(_tint(rng, (0.16, 0.22, 0.46)), _tint(rng, (0.84, 0.78, 0.62)), bands)
-    return _texture_scene(rng, albedo * twill)
+    u, v = _rotate(*_grid(n), np.deg2rad(rng.uniform(-4, 4)))
+    period = 22 * s * rng.uniform(0.95, 1.05)
+    duty = rng.uniform(0.25, 0.35)
+    bands = _smoothstep((0.5 + 0.5 * np.sin(2 * np.pi * (u / period + rng.random())) - duty) / 0.4)
+    phase = rng.uniform(0, 2 * np.pi)
+    twill = 0.86 + 0.14 * (0.5 + 0.5 * np.sin(2 * np.pi * (u + v) / (5 * s) + phase))
+    crossed = 0.86 + 0.14 * (0.5 + 0.5 * np.sin(2 * np.pi * (u - v) / (5 * s) + phase))  # a misweave
+    slubs = np.ones((n, n))
+    for _ in range(rng.integers(0, 4)):  # slubs: short thicker threads, brighter, along the stripes
+        cu, cv, length = rng.uniform(0, n), rng.uniform(0, n), rng.uniform(8, 24) * s
+        slubs += 0.1 * np.exp(-(((u - cu) / (1.5 * s)) ** 2) - ((v - cv) / length) ** 2)
+    albedo = _mix(_tint(rng, (0.16, 0.22, 0.46)), _tint(rng, (0.76, 0.70, 0.56)), bands) * slubs
+    return _texture_scene(rng, albedo * twill, albedo * crossed)
 
 
 def _grain(rng: np.random.Generator, n: int) -> _Scene:
-    """Wood: growth rings warped by smooth noise, with fine fibres along the grain."""
+    """Wood: growth rings warped by smooth noise and the odd knot, with fine fibres along the grain."""
     s = n / 256
-    u, _ = _rotate(*_grid(n), np.deg2rad(rng.uniform(-6, 6)))
+    yy, xx = _grid(n)
+    u, _ = _rotate(yy, xx, np.deg2rad(rng.uniform(-8, 8)))
     warp = 2.2 * _value_noise(rng, n, 48 * s, 160 * s) + 0.3 * _value_noise(rng, n, 10 * s, 40 * s)
-    rings = (0.5 + 0.5 * np.sin(2 * np.pi * (u / (26 * s) + warp))) ** 2
+    core = np.zeros((n, n))
+    for _ in range(rng.integers(0, 3)):  # knots: the rings bulge around a dark core
+        ky, kx = rng.uniform(0.1, 0.9, size=2) * n
+        d2 = ((yy - ky) ** 2 + (xx - kx) ** 2) / (rng.uniform(4, 10) * s) ** 2
+        warp = warp + rng.uniform(1, 2.5) * np.exp(-d2 / 6)
+        core = np.maximum(core, np.exp(-d2))
+    rings = (0.5 + 0.5 * np.sin(2 * np.pi * (u / (26 * s * rng.uniform(0.9, 1.1)) + warp))) ** 2
+    light, dark = _tint(rng, (0.80, 0.60, 0.40)), _tint(rng, (0.46, 0.29, 0.16))
+    wood = _mix(_mix(light, dark, rings), 0.7 * dark, 0.8 * core)
     fibres = 0.92 + 0.08 * _value_noise(rng, n, 1.5 * s, 24 * s)
-    albedo = _mix(_tint(rng, (0.80, 0.60, 0.40)), _tint(rng, (0.46, 0.29, 0.16)), rings)
-    return _texture_scene(rng, albedo * fibres)
+    sanded = 0.92 + 0.08 * _value_noise(rng, n, 24 * s, 1.5 * s)  # fibres torn across the grain
+    return _texture_scene(rng, wood * fibres, wood * sanded)
 
 
 def _tile(rng: np.random.Generator, n: int) -> _Scene:
-    """Glazed square tiles with grout lines; each tile slightly different in shade."""
+    """Glazed square tiles with grout lines; each tile slightly different in shade, with the odd glaze speck."""
     s = n / 256
     period, grout = 32 * s, 3 * s
     # Axis-aligned, so rows and columns are computed once and broadcast.
@@ -190,28 +236,32 @@ def _tile(rng: np.random.Generator, n: int) -> _Scene:
     fu, fv = u % period, v % period
     shade = rng.random((16, 16))[(v // period).astype(np.int64) % 16, (u // period).astype(np.int64) % 16]
     to_edge = np.minimum(np.minimum(fu - grout, period - fu), np.minimum(fv - grout, period - fv))
-    bevel = 0.9 + 0.1 * np.clip(to_edge / (3 * s), 0, 1)
-    glaze = (0.94 + 0.08 * shade) * bevel * (0.96 + 0.04 * _value_noise(rng, n, 6 * s, 6 * s))
+    bevel = (0.94 + 0.08 * shade) * (0.9 + 0.1 * np.clip(to_edge / (3 * s), 0, 1))
+    glaze = bevel * (0.96 + 0.04 * _value_noise(rng, n, 6 * s, 6 * s))
+    mottled = bevel * (0.9 + 0.1 * _value_noise(rng, n, 2.5 * s, 2.5 * s))  # uneven glaze
     is_grout = (fu < grout) | (fv < grout)
-    albedo = np.where(is_grout, _tint(rng, (0.36, 0.34, 0.31)), _tint(rng, (0.62, 0.70, 0.76)) * glaze)
-    return _texture_scene(rng, albedo)
+    specks = np.where(_spots(rng, n, int(rng.integers(0, 5)), (1.0, 1.8)), 0.7, 1.0)
+    grout_colour, tile_colour = _tint(rng, (0.36, 0.34, 0.31)), _tint(rng, (0.62, 0.70, 0.76)) * specks
+    albedo = np.where(is_grout, grout_colour, tile_colour * glaze)
+    return _texture_scene(rng, albedo, np.where(is_grout, grout_colour, tile_colour * mottled))
 
 
 def _disc(rng: np.random.Generator, n: int) -> _Scene:
-    """A machined metal disc with a centre bore and six bolt holes, on a plain mat."""
+    """A machined metal disc with a centre bore, six bolt holes and an index notch in its rim, on a plain mat."""
     s = n / 256
-    cy, cx = n / 2 + rng.uniform(-4, 4, size=2) * s
-    radius = 82 * s * rng.uniform(0.98, 1.02)
+    cy, cx = n / 2 + rng.uniform(-8, 8, size=2) * s
+    radius = 82 * s * rng.uniform(0.97, 1.03)
     turn = rng.uniform(0, 2 * np.pi)
     box, yy, xx = _box(n, cy, cx, radius)  # only the disc's square needs the geometry
     r, angle = np.hypot(yy - cy, xx - cx), np.arctan2(yy - cy, xx - cx)
-    # Distance to the nearest of six bolt holes on a circle of radius 52 (law of cosines).
+    # Distance to the nearest of six bolt holes on a circle of radius 52, and to the notch (law of cosines).
     sector = angle - turn - np.round((angle - turn) / (np.pi / 3)) * (np.pi / 3)
     to_bolt = r**2 + (52 * s) ** 2 - 2 * r * 52 * s * np.cos(sector)
+    to_notch = r**2 + radius**2 - 2 * r * radius * np.cos(angle - rng.uniform(0, 2 * np.pi))
     body = np.zeros((n, n), dtype=bool)
-    body[box] = (r <= radius) & (r > 16 * s) & (to_bolt > (7 * s) ** 2)
+    body[box] = (r <= radius) & (r > 16 * s) & (to_bolt > (7 * s) ** 2) & (to_notch > (6 * s) ** 2)
     background = _tint(rng, (0.70, 0.73, 0.78)) * (0.97 + 0.03 * _value_noise(rng, n, 20 * s, 20 * s))
-    sheen = 0.84 + 0.16 * np.cos(2 * (angle - rng.uniform(0, np.pi)))  # brushed, anisotropic highlight
+    sheen = 1 - rng.uniform(0.1, 0.2) * (1 - np.cos(2 * (angle - rng.uniform(0, np.pi))))  # brushed, anisotropic
     machining = 1 + 0.04 * np.sin(2 * np.pi * r / (3 * s))
     rim = np.where(r > radius - 5 * s, 0.78, 1.0)
     metal = _tint(rng, (0.52, 0.52, 0.55)) * (sheen * machining * rim)
@@ -249,10 +299,39 @@ def _fits(shape: np.ndarray, scene: _Scene) -> bool:
     return inside and shape.sum() >= 12 * (n / 256) ** 2 and not (shape & ~scene.body).any()
 
 
-def _hole(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
-    """A dark round pit, slightly lighter towards its lower rim."""
+def _apply(scene: _Scene, shape: np.ndarray, new: np.ndarray) -> None:
+    """Write the defect's colours ``new`` (3, k) at the k pixels of ``shape``.
+
+    Each pixel moves at least ``_MIN_CHANGE``, along the defect's own change (or towards
+    mid-grey where it has none), so that subtle defects still change every pixel of their
+    mask: the mask stays exactly the set of changed pixels.
+    """
+    old = scene.albedo[:, shape]
+    delta = new - old
+    size = np.abs(delta).max(axis=0)
+    towards_grey = np.where(old.mean(axis=0) > 0.5, -_MIN_CHANGE, _MIN_CHANGE)
+    delta = np.where(size > 1e-6, delta * np.maximum(1, _MIN_CHANGE / np.maximum(size, 1e-6)), towards_grey)
+    scene.albedo[:, shape] = np.clip(old + delta, 0, 1)
+
+
+def _blob(scene: _Scene, rng: np.random.Generator, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """An irregular round region (a few random harmonics on its outline): its mask and, per pixel, 0 at the centre to 1 on the outline."""
     n = scene.body.shape[0]
-    radius = rng.uniform(4, 8) * n / 256
+    cy, cx = _centre(rng, scene, radius * 1.4)
+    box, yy, xx = _box(n, cy, cx, 1.4 * radius)
+    angle = np.arctan2(yy - cy, xx - cx)
+    edge = np.full_like(angle, radius)
+    for k in (2, 3, 5):
+        edge += radius * rng.uniform(0, 0.12) * np.sin(k * angle + rng.uniform(0, 2 * np.pi))
+    rho = np.ones((n, n))
+    rho[box] = np.hypot(yy - cy, xx - cx) / edge
+    return rho < 1, rho
+
+
+def _hole(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
+    """A round pit, from a shallow dent to a dark hole, slightly lighter towards its lower rim."""
+    n = scene.body.shape[0]
+    radius = rng.uniform(2.5, 7) * n / 256
     cy, cx = _centre(rng, scene, radius + 1)
     box, yy, xx = _box(n, cy, cx, radius)
     shape = np.zeros((n, n), dtype=bool)
@@ -260,16 +339,16 @@ def _hole(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
     if not _fits(shape, scene):
         return None
     pit = np.array([1.0, 0.95, 0.9])[:, None, None] * (0.04 + 0.06 * np.clip((yy - cy) / radius, 0, 1))
-    patch = scene.albedo[:, box[0], box[1]]
-    scene.albedo[:, box[0], box[1]] = np.where(shape[box], pit, patch)
+    inside = shape[box]
+    _apply(scene, shape, _mix(scene.albedo[:, box[0], box[1]], pit, rng.uniform(0.3, 0.95))[:, inside])
     return shape
 
 
 def _scratch(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
-    """A thin, slightly curved line, brighter or darker than the surface."""
+    """A thin, slightly curved line, from faintly to clearly brighter or darker than the surface."""
     n = scene.body.shape[0]
     s = n / 256
-    length = rng.uniform(50, 110) * s
+    length = rng.uniform(25, 100) * s
     cy, cx = _centre(rng, scene, length / 2 + 2 * s)
     heading = rng.uniform(0, np.pi)
     direction = np.array([np.sin(heading), np.cos(heading)])
@@ -277,21 +356,19 @@ def _scratch(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
     t = np.linspace(-0.5, 0.5, 17)[:, None]
     bend = rng.uniform(-0.15, 0.15) * length * (1 - 4 * t**2)  # a parabola: bowed line
     points = np.array([cy, cx]) + t * length * direction + bend * normal
-    shape = _polyline(n, points, rng.uniform(1.4, 2.4) * s) & scene.body
+    shape = _polyline(n, points, rng.uniform(1.0, 2.2) * s) & scene.body
     if not _fits(shape, scene):
         return None
-    if rng.random() < 0.5:
-        scene.albedo[:, shape] *= 0.3
-    else:
-        scene.albedo[:, shape] = 1 - (1 - scene.albedo[:, shape]) * 0.25
+    contrast, old = rng.uniform(0.12, 0.6), scene.albedo[:, shape]
+    _apply(scene, shape, old * (1 - contrast) if rng.random() < 0.5 else 1 - (1 - old) * (1 - contrast))
     return shape
 
 
 def _crack(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
-    """A dark random-walk polyline with one branch."""
+    """A dark random-walk polyline with one branch, from hairline to wide."""
     n = scene.body.shape[0]
     s = n / 256
-    step, steps = 5 * s, int(rng.integers(12, 20))
+    step, steps = 5 * s, int(rng.integers(8, 18))
     heading = rng.uniform(0, 2 * np.pi)
     points = [np.array(_centre(rng, scene, 0.4 * step * steps))]
     for _ in range(steps):
@@ -304,39 +381,38 @@ def _crack(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
     for _ in range(steps // 3):
         heading += rng.uniform(-0.6, 0.6)
         branch.append(branch[-1] + step * np.array([np.sin(heading), np.cos(heading)]))
-    width = rng.uniform(1.4, 2.4) * s
+    width = rng.uniform(1.0, 2.2) * s
     shape = (_polyline(n, main, width) | _polyline(n, np.array(branch), width * 0.8)) & scene.body
     if not _fits(shape, scene):
         return None
-    scene.albedo[:, shape] *= 0.25
+    _apply(scene, shape, scene.albedo[:, shape] * rng.uniform(0.25, 0.7))
     return shape
 
 
 def _stain(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
-    """A coloured blob, strongest in its centre; fades towards its edge but stays visible to it."""
-    n = scene.body.shape[0]
-    radius = rng.uniform(10, 20) * n / 256
-    cy, cx = _centre(rng, scene, radius * 1.4)
-    box, yy, xx = _box(n, cy, cx, 1.4 * radius)
-    angle = np.arctan2(yy - cy, xx - cx)
-    edge = np.full_like(angle, radius)  # an irregular outline: a few random harmonics
-    for k in (2, 3, 5):
-        edge += radius * rng.uniform(0, 0.12) * np.sin(k * angle + rng.uniform(0, 2 * np.pi))
-    rho = np.hypot(yy - cy, xx - cx) / edge  # 0 at the centre, 1 on the outline
-    shape = np.zeros((n, n), dtype=bool)
-    shape[box] = rho < 1
+    """A coloured blob, from faint to strong, strongest in its centre; fades towards its edge."""
+    shape, rho = _blob(scene, rng, rng.uniform(8, 20) * scene.body.shape[0] / 256)
     if not _fits(shape, scene):
         return None
     palette = np.array([[0.55, 0.40, 0.20], [0.35, 0.55, 0.30], [0.65, 0.30, 0.35], [0.30, 0.35, 0.60]])
-    colour = palette[rng.integers(len(palette))][:, None, None]
-    alpha = rng.uniform(0.6, 0.9) * (0.4 + 0.6 * (1 - np.clip(rho, 0, 1) ** 2))
-    patch = scene.albedo[:, box[0], box[1]]
-    scene.albedo[:, box[0], box[1]] = np.where(shape[box], _mix(patch, patch * colour, alpha), patch)
+    colour = palette[rng.integers(len(palette))][:, None]
+    alpha = rng.uniform(0.15, 0.7) * (0.4 + 0.6 * (1 - rho[shape] ** 2))
+    old = scene.albedo[:, shape]
+    _apply(scene, shape, _mix(old, old * colour, alpha))
+    return shape
+
+
+def _texture_flaw(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
+    """A patch where the surface keeps its colour but its texture changes (``flaw``): misweave, sanding, uneven glaze."""
+    shape, _ = _blob(scene, rng, rng.uniform(8, 18) * scene.body.shape[0] / 256)
+    if not _fits(shape, scene):
+        return None
+    _apply(scene, shape, scene.flaw[:, shape])
     return shape
 
 
 def _missing_piece(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None:
-    """A segment broken off the object's rim: the background shows instead."""
+    """A segment broken off the object's rim, from a small chip to a large piece: the background shows instead."""
     n = scene.body.shape[0]
     yy, xx = _grid(n)
     ys, xs = np.nonzero(scene.body)
@@ -344,10 +420,10 @@ def _missing_piece(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None
     heading = rng.uniform(0, 2 * np.pi)
     along = (yy - cy) * np.sin(heading) + (xx - cx) * np.cos(heading)
     reach = np.max(np.hypot(ys - cy, xs - cx))
-    shape = (along > reach * rng.uniform(0.68, 0.8)) & scene.body
+    shape = (along > reach * rng.uniform(0.72, 0.93)) & scene.body
     if not _fits(shape, scene):
         return None
-    scene.albedo[:, shape] = scene.background[:, shape]
+    _apply(scene, shape, scene.background[:, shape])
     return shape
 
 
@@ -355,8 +431,11 @@ def _missing_piece(scene: _Scene, rng: np.random.Generator) -> np.ndarray | None
 # otherwise it returns None without painting and is asked again.
 _DEFECT_PAINTERS: dict[str, Callable[[_Scene, np.random.Generator], np.ndarray | None]] = {
     "crack": _crack,
+    "glaze": _texture_flaw,
     "hole": _hole,
+    "misweave": _texture_flaw,
     "missing_piece": _missing_piece,
+    "sanding": _texture_flaw,
     "scratch": _scratch,
     "stain": _stain,
 }

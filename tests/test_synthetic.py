@@ -1,4 +1,5 @@
-"""Tests for patchcore_lite.synthetic: determinism, exact masks, layout, regeneration, in-memory helpers."""
+"""Tests for patchcore_lite.synthetic: determinism, exact masks, layout, regeneration, in-memory helpers,
+and difficulty: a default PatchCore must not solve the data (the book's comparisons need room to differ)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from patchcore_lite.datasets import (
 )
 from patchcore_lite.errors import DataError
 from patchcore_lite.model import PatchCore
+from patchcore_lite.pipeline import Result, fit_evaluate
 from patchcore_lite.synthetic import (
     CATEGORIES,
     DEFECTS,
@@ -78,7 +80,8 @@ def test_mask_is_exactly_the_changed_pixels(category):
             assert not empty.any()
             change = np.abs(normal.astype(int) - defective).max(axis=2)
             assert not change[~mask].any(), f"{defect}: pixels changed outside the mask"
-            assert (change[mask] >= 8).mean() > 0.99, f"{defect}: not clearly visible everywhere in its mask"
+            # Faint defects are allowed, invisible pixels are not: >= 4 grey levels (_MIN_CHANGE).
+            assert (change[mask] >= 4).mean() > 0.99, f"{defect}: not visible everywhere in its mask"
 
 
 @pytest.mark.parametrize("category", CATEGORIES)
@@ -180,3 +183,39 @@ def test_toy_point_cloud_is_deterministic_and_checks_its_size():
     assert not torch.equal(a, toy_point_cloud(100, seed=6))
     with pytest.raises(ValueError, match="at least 20"):
         toy_point_cloud(10)
+
+
+# ----------------------------------------------------------------------------- difficulty
+# Bands, not exact values: the demo's PatchCore (EfficientNet-Lite0, 10% greedy coreset).
+
+
+@pytest.fixture(scope="module")
+def demo_results(synthetic_root) -> dict[str, Result]:
+    """Default PatchCore fit and evaluated once on every category."""
+    return {c: fit_evaluate(PatchCore(), synthetic_root / c, progress=False) for c in CATEGORIES}
+
+
+def test_default_patchcore_does_not_solve_the_data(demo_results):
+    image = {c: r.metrics["image_auroc"] for c, r in demo_results.items()}
+    assert all(0.75 <= x <= 0.98 for x in image.values()), image
+    assert sum(x < 0.97 for x in image.values()) >= 2, image
+    assert np.mean([r.metrics["pixel_auroc"] for r in demo_results.values()]) < 0.99
+
+
+def test_every_defect_kind_is_found_but_not_all_of_them(demo_results):
+    # Each defect kind scores above the median normal image on average; faint ones hide among normal ones.
+    for category, result in demo_results.items():
+        normal = np.median(result.scores[result.labels == 0])
+        defects = np.array(result.defects)
+        for defect in DEFECTS[category]:
+            assert result.scores[defects == defect].mean() > normal, (category, defect)
+
+
+def test_greedy_coreset_beats_random_at_one_percent(synthetic_root):
+    # The disc's rare normal patterns (rim notch, bolt holes) are what a random 1% bank misses.
+    greedy, random = (
+        fit_evaluate(PatchCore(coreset_ratio=0.01, coreset_method=method), synthetic_root / "disc", progress=False)
+        for method in ("greedy", "random")
+    )
+    assert greedy.metrics["image_auroc"] >= random.metrics["image_auroc"] + 0.1
+    assert greedy.metrics["aupro"] >= random.metrics["aupro"] + 0.02
