@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .metrics import METRIC_LABELS
-from .viz import overlay, png_bytes
+from .viz import overlay, plot_roc, png_bytes
 
 View = Callable[..., tuple[Figure, dict[str, Any]]]
 
@@ -163,3 +163,28 @@ def coreset_grid(results: Mapping[str, Any], ratios: Sequence[float]) -> Figure:
     return fig
 
 
+
+
+def threshold_view(
+    labels: np.ndarray, scores: np.ndarray, image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray,
+    threshold: float,
+) -> tuple[Figure, dict[str, Any]]:
+    """One decision threshold t: its operating point on the image ROC curve, and one image's region map >= t.
+
+    An image is flagged when its score is >= t; the image's predicted region is where its anomaly map
+    is >= t (with eq. 6 alone the image score is the map's maximum before blurring, so the two agree).
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    flagged = scores >= threshold
+    fpr, tpr = float(flagged[labels == 0].mean()), float(flagged[labels == 1].mean())
+    figure = Figure(figsize=(9, 4), layout="constrained")
+    roc_ax, image_ax = figure.subplots(1, 2)
+    plot_roc(labels, scores, ax=roc_ax, label="PatchCore")
+    roc_ax.plot([fpr], [tpr], "o", color="crimson", markersize=9, label=f"t = {threshold:.3g}")
+    roc_ax.legend(loc="lower right")
+    predicted = anomaly_map >= threshold
+    overlay(image, anomaly_map, mask, ax=image_ax, title=f"map >= t: {predicted.mean():.1%} of the image")
+    if predicted.any():
+        image_ax.contour(predicted.astype(np.float32), levels=[0.5], colors="crimson", linewidths=1.2)
+    return figure, {"threshold": threshold, "fpr": fpr, "tpr": tpr, "flagged": int(flagged.sum()),
+                    "region_share": float(predicted.mean())}

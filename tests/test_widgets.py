@@ -98,3 +98,18 @@ def test_interactive_view_follows_the_slider(results):
     assert widget.result["patch_size"] == 1
     slider.value = 3
     assert widget.result == widgets.patch_size_view(results, 3)[1]
+
+
+def test_threshold_view_moves_the_operating_point_and_the_region():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.6, 0.4, 0.7, 0.9])
+    yy, xx = np.mgrid[:32, :32]
+    anomaly_map = np.exp(-((yy - 16) ** 2 + (xx - 16) ** 2) / 50.0)  # 1 at the centre, falling off
+    mask = anomaly_map > 0.5
+    image = np.zeros((32, 32, 3))
+    points = [widgets.threshold_view(labels, scores, image, anomaly_map, mask, t)[1] for t in (0.0, 0.5, 0.8, 1.0)]
+    assert (points[0]["fpr"], points[0]["tpr"]) == (1.0, 1.0)
+    assert (points[1]["fpr"], points[1]["tpr"]) == (1 / 3, 2 / 3)  # 0.6 flagged; 0.4 missed
+    assert (points[3]["fpr"], points[3]["tpr"]) == (0.0, 0.0)
+    shares = [p["region_share"] for p in points]
+    assert shares[0] == 1.0 and shares == sorted(shares, reverse=True) and 0 < shares[2] < shares[1]
