@@ -113,3 +113,14 @@ def test_threshold_view_moves_the_operating_point_and_the_region():
     assert (points[3]["fpr"], points[3]["tpr"]) == (0.0, 0.0)
     shares = [p["region_share"] for p in points]
     assert shares[0] == 1.0 and shares == sorted(shares, reverse=True) and 0 < shares[2] < shares[1]
+
+
+def test_blur_view_spreads_a_lone_peak():
+    grid = torch.zeros(28, 28)
+    grid[10, 10] = 5.0
+    mask = np.zeros((224, 224), dtype=bool)
+    mask[80:88, 80:88] = True  # the peak's cell
+    numbers = [widgets.blur_view(grid, np.zeros((224, 224, 3)), mask, s)[1] for s in (0, 1, 4, 8)]
+    peaks = [n["max"] for n in numbers]
+    assert peaks == sorted(peaks, reverse=True) and peaks[-1] < peaks[0] / 4  # the blur lowers a lone outlier
+    assert all(n["defect_above_median"] == 1.0 for n in numbers)  # and still marks where it was
