@@ -3,8 +3,8 @@
     python .ci/check_site.py [_build/html]
 
 For every page of the table of contents: it loads without a failed or missing request, no
-image is broken, equations are typeset by MathJax, the chapter has executed outputs with
-figures, and every flipbook's range control changes the visible figure when moved with the
+image is broken, equations are typeset by MathJax, the chapter has a Summary, a collapsed
+solution and executed outputs with figures, and every flipbook's range control changes the visible figure when moved with the
 keyboard (no kernel: the page alone). Exits 1 with one line per problem.
 Needs Debian's ``chromium`` and the ``playwright`` package (its own browser download is not used).
 """
@@ -52,6 +52,10 @@ def check_page(page: Page, url: str, name: str) -> list[str]:
     problems += [f"{name}: broken image {src}" for src in broken]
     if page.locator(".math").count() and not page.locator("mjx-container").count():
         problems.append(f"{name}: equations are not typeset (no MathJax output)")
+    if not page.locator("section#summary").count():
+        problems.append(f"{name}: no Summary section")
+    if not page.locator("details:not([open])").count():
+        problems.append(f"{name}: no hidden (collapsed) exercise solution")
     if not page.locator(".cell_output").count() or not page.locator(".cell_output img").count():
         problems.append(f"{name}: no executed output with a figure")
     for i in range(page.locator(".flipbook").count()):
