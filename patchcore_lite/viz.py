@@ -212,3 +212,29 @@ def _pick_examples(labels: np.ndarray, n: int) -> np.ndarray:
     rest = normal[: n - len(first)]
     extra = anomalous[len(first) : n - len(rest)]  # too few normals: more anomalies instead
     return np.sort(np.concatenate([first, rest, extra]))
+
+
+def flow_diagram(
+    steps: Sequence[tuple[str, str]], title: str = "", loop: tuple[int, int, str] | None = None
+) -> Figure:
+    """A left-to-right diagram of ``steps`` (name, what it does) joined by arrows, drawn by code.
+
+    ``loop=(from, to, label)`` adds an arrow back from step ``from`` to step ``to`` (a training loop).
+    The book draws its pipeline pictures with it, so no hand-drawn image goes stale.
+    """
+    n = len(steps)
+    figure = Figure(figsize=(2.1 * n, 2.6 if loop else 2.0), layout="constrained")
+    ax = figure.add_subplot()
+    ax.set(xlim=(-0.1, n - 0.1), ylim=(-1.1 if loop else -0.45, 0.6), title=title)
+    ax.axis("off")
+    for i, (name, detail) in enumerate(steps):
+        ax.text(i + 0.4, 0.08, f"{name}\n\n{detail}", ha="center", va="center", fontsize=8, wrap=True,
+                bbox={"boxstyle": "round,pad=0.5", "facecolor": "#eef3fb", "edgecolor": "#4a72b0"})
+        if i + 1 < n:
+            ax.annotate("", xy=(i + 0.98, 0.08), xytext=(i + 0.82, 0.08), arrowprops={"arrowstyle": "->", "lw": 1.5})
+    if loop is not None:
+        start, end, label = loop
+        ax.annotate("", xy=(end + 0.4, -0.3), xytext=(start + 0.4, -0.3),
+                    arrowprops={"arrowstyle": "->", "lw": 1.5, "color": "crimson", "connectionstyle": "arc3,rad=-0.2"})
+        ax.text((start + end) / 2 + 0.4, -0.95, label, ha="center", fontsize=8, color="crimson")
+    return figure

@@ -111,3 +111,16 @@ def test_plot_bar_groups_metrics_per_row():
     assert [p.get_height() for p in ax.patches] == [1.0, 0.8, 0.9, 0.7]
     with pytest.raises(ValueError, match="missing"):
         viz.plot_bar(rows, ["pixel_auroc"])
+
+
+def test_flow_diagram_draws_every_step_and_arrow():
+    steps = [("a", "first"), ("b", "second"), ("c", "third")]
+
+    def parts(figure):
+        items = figure.axes[0].texts
+        arrows = [t for t in items if isinstance(t, matplotlib.text.Annotation)]
+        return [t.get_text() for t in items if t not in arrows], len(arrows)
+
+    assert parts(viz.flow_diagram(steps)) == (["a\n\nfirst", "b\n\nsecond", "c\n\nthird"], 2)
+    texts, arrows = parts(viz.flow_diagram(steps, loop=(2, 0, "again")))
+    assert texts[-1] == "again" and arrows == 3  # one more arrow: the loop back
