@@ -36,9 +36,11 @@ def test_fit_then_predict_scores_anomalies_above_normals(category: Path, model_f
     with open(out / "scores.csv") as f:
         rows = list(csv.reader(f))[1:]
     assert [r[0] for r in rows] == [str(normal), str(anomalous)]
+    assert [r[2:4] for r in rows] == [["", ""]] * 2  # no --threshold: no decision
     assert float(rows[0][1]) < float(rows[1][1])
-    with np.load(out / "maps.npz") as maps:
-        assert maps["maps"].shape == (2, 224, 224)
+    maps = sorted((out / "maps").iterdir())
+    assert [p.name for p in maps] == [f"000000_{normal.stem}.npy", f"000001_{anomalous.stem}.npy"]
+    assert np.load(maps[0]).shape == (224, 224)
 
 
 def test_evaluate_writes_results_with_the_search_asked_for(category: Path, tmp_path: Path):
