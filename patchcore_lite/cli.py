@@ -84,6 +84,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help=f"inverted lists searched per query by ivf/ivfpq (default: {d.knn_nprobe})")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes coreset and data split (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)")
+    g.add_argument("--holdout", type=float, default=HOLDOUT, help="fraction of the good images kept out of the "
+                   "memory bank to set the automatic threshold (at least 1 image; 0: none) (default: %(default)s)")
 
 
 def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
@@ -126,7 +128,7 @@ def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> lis
     for root, config in zip(roots, configs):
         model = PatchCore(config, weights_path=args.weights)
         print(f"\n== {root.name}: {model.config.backbone}, coreset {model.config.coreset_ratio:.0%}")
-        result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures)
+        result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures, holdout=args.holdout)
         results.append(result)
         rows.append(result.row(memory_bank=len(model.memory_bank)))
         write_results(rows, out / "results.csv")  # after every category: nothing finished is lost
@@ -366,8 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path, help="an MVTec-layout category, Magnetic Tile Defects, or a plain folder "
                    "of good images (searched at any depth)")
     p.add_argument("--model", type=Path, required=True, help="where to save the model, e.g. bottle.npz")
-    p.add_argument("--holdout", type=float, default=HOLDOUT, help="fraction of the good images kept out of the "
-                   "memory bank to set --threshold auto (at least 1 image; 0: none) (default: %(default)s)")
     _add_model_options(p)
     p.set_defaults(func=cmd_fit)
 

@@ -49,6 +49,8 @@ def test_evaluate_writes_results_with_the_search_asked_for(category: Path, tmp_p
     assert main(args) == 0
     (row,) = json.loads((tmp_path / "results.json").read_text())
     assert row["name"] == category.name and 0.5 < row["image_auroc"] <= 1
+    # the default --holdout 0.1 of train/good sets the automatic threshold; its cost on the labelled test set:
+    assert row["auto_threshold"] > 0 and all(0 <= row[k] <= 1 for k in ("precision", "recall", "fpr"))
 
 
 def test_options_reach_the_config(category: Path):

@@ -11,6 +11,7 @@ import pytest
 
 from patchcore_lite.cli import main
 from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.errors import ModelFileError
 from patchcore_lite.model import PatchCore
 from patchcore_lite.thresholds import auto_threshold, decision_rates, split_holdout
 
@@ -142,3 +143,15 @@ def test_auto_threshold_rules():
     assert rule.startswith("mean + 3 sd") and value == pytest.approx(2 + 3 * 1.0)
     rates = decision_rates([0, 0, 1, 1], [0.1, 0.9, 0.8, 0.2], 0.5)
     assert rates == {"precision": 0.5, "recall": 0.5, "fpr": 0.5}
+
+
+@pytest.mark.parametrize("bad", [[], ["x"], [float("inf")], "1.0"])
+def test_damaged_normal_scores_are_refused(model_file: Path, tmp_path: Path, bad):
+    with np.load(model_file) as f:
+        meta = json.loads(f["meta"].tobytes().decode())
+        bank = f["memory_bank"]
+    meta["normal_scores"] = bad
+    path = tmp_path / "bad.npz"
+    np.savez(path, memory_bank=bank, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    with pytest.raises(ModelFileError, match="normal_scores must be a non-empty list of finite numbers"):
+        PatchCore.load(path)
