@@ -2,8 +2,8 @@
 
     python -m patchcore_lite demo                          # embedded synthetic data, seconds
     python -m patchcore_lite evaluate path/to/mvtec/bottle # fit on train/good, score test/
-    python -m patchcore_lite fit path/to/bottle --model bottle.npz
-    python -m patchcore_lite predict --model bottle.npz img1.png folder/ --out preds/
+    python -m patchcore_lite fit path/to/bottle --model bottle.npz     # or a plain folder of good images
+    python -m patchcore_lite predict --model bottle.npz img1.png folder/ --out preds/ --threshold auto --overlays
 """
 
 from __future__ import annotations
@@ -264,11 +264,11 @@ def _scored_rows(csv_path: Path, files: list[Path], threshold_text: str) -> list
     """The complete rows of an earlier run on the same images and threshold, for --resume."""
     if not csv_path.is_file():
         return []
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
+    text = csv_path.read_text()
+    rows = list(csv.reader(text.splitlines()))
     if not rows or tuple(rows[0]) != COLUMNS:
         raise DataError(f"{csv_path}: not a scores.csv written by this version of predict; drop --resume.")
-    done = [r for r in rows[1:] if len(r) == len(COLUMNS)]  # a row cut short by a crash is scored again
+    done = rows[1:] if text.endswith("\n") else rows[1:-1]  # a last row cut short by a crash is scored again
     for i, row in enumerate(done):
         if i >= len(files) or row[0] != str(files[i]) or row[3] != threshold_text:
             raise DataError(f"{csv_path}: row {i + 1} ({row[0]}, threshold {row[3] or 'none'}) is not from this "

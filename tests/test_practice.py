@@ -84,6 +84,8 @@ def test_an_interrupted_run_leaves_a_valid_csv_that_resume_completes(
     with pytest.raises(KeyboardInterrupt):
         main(argv)
     assert _rows(tmp_path) == _rows(full_run)[:4]  # two batches of 2, flushed as scored
+    with open(tmp_path / "scores.csv", "a") as f:
+        f.write(f"{images[4]},12.3")  # a row cut short by a crash while writing: scored again
     calls.clear()
     assert main([*argv, "--resume"]) == 0
     assert calls == [2, 2]  # only the last 4 images are scored again
