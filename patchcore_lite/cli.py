@@ -37,7 +37,7 @@ from .model import PatchCore, PatchCoreConfig
 from .patches import MODES
 from .pipeline import Result, check_test_set, fit_evaluate
 from .synthetic import CATEGORIES
-from .thresholds import HOLDOUT, auto_threshold, split_holdout
+from .thresholds import HOLDOUT, auto_threshold, check_holdout, split_holdout
 
 EPILOG = """\
 Folder layouts:
@@ -99,6 +99,7 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
         raise ConfigError("--weights and --random-init exclude each other: random weights load no file.")
     if args.nprobe is not None and args.knn_index == "flat":
         raise ConfigError("--nprobe only applies to --knn-index ivf or ivfpq; flat search is exhaustive.")
+    check_holdout(args.holdout)
     base = MTD_PREPROCESS if mtd else MVTEC_PREPROCESS
     return PatchCoreConfig(
         backbone=args.backbone, layers=tuple(args.layers), pretrained=not args.random_init,

@@ -25,12 +25,17 @@ MIN_FOR_QUANTILE = 20  # below this a 0.99 quantile is just the maximum: use mea
 PIXEL_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
+def check_holdout(fraction: object) -> None:
+    """Refuse a held-out fraction outside [0, 1) with a ConfigError."""
+    check_real("holdout", fraction, lambda v: 0 <= v < 1, "in [0, 1), the fraction of good images held out")
+
+
 def split_holdout(images: Sequence[T], fraction: float, seed: int, where: object = "") -> tuple[list[T], list[T]]:
     """(for the memory bank, held out): a seeded random ``fraction`` held out, at least 1 unless 0.
 
     A DataError says how many images are needed when there are too few for both parts.
     """
-    check_real("holdout", fraction, lambda v: 0 <= v < 1, "in [0, 1), the fraction of good images held out")
+    check_holdout(fraction)
     held = 0 if fraction == 0 else max(1, round(fraction * len(images)))
     needed = max(2, held + 1)
     if len(images) < needed:

@@ -102,6 +102,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path: Path, model_file:
     (["--layers", "layer9"], "unknown: layer9"),
     (["--patch-size", "-1"], "patch_size = -1"),
     (["--seed", "-2"], "seed = -2"),
+    (["--holdout", "1"], "holdout = 1.0: must be in [0, 1)"),
     (["--nprobe", "8"], "--nprobe only applies to --knn-index ivf"),
     (["--knn-index", "ivf", "--nprobe", "0"], "knn_nprobe = 0"),
     (["--knn", "torch", "--knn-index", "ivf"], "torch backend is exact"),
