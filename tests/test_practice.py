@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -40,6 +41,12 @@ def full_run(model_file: Path, images: list[Path], tmp_path_factory: pytest.Temp
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _rows(out: Path) -> list[dict[str, str]]:
     with open(out / "scores.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -62,7 +69,7 @@ def test_maps_and_overlays_for_every_image_readable_by_all(full_run: Path, image
     for folder, suffix in (("maps", ".npy"), ("overlays", ".png")):
         written = sorted((full_run / folder).iterdir())
         assert [p.name for p in written] == [f"{i:06d}_{p.stem}{suffix}" for i, p in enumerate(images)]
-        assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in written)  # default umask 022
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~_umask() for p in written)  # 0644 under umask 022
     amap = np.load(full_run / "maps" / f"000004_{images[4].stem}.npy")
     assert amap.shape == (224, 224) and amap.dtype == np.float16
     assert (full_run / "contact_sheet.png").read_bytes()[:4] == b"\x89PNG"
