@@ -2,14 +2,15 @@
 
     python -m patchcore_lite demo                          # embedded synthetic data, seconds
     python -m patchcore_lite evaluate path/to/mvtec/bottle # fit on train/good, score test/
-    python -m patchcore_lite fit path/to/bottle --model bottle.npz
-    python -m patchcore_lite predict --model bottle.npz img1.png folder/ --out preds/
+    python -m patchcore_lite fit path/to/bottle --model bottle.npz     # or a plain folder of good images
+    python -m patchcore_lite predict --model bottle.npz img1.png folder/ --out preds/ --threshold auto --overlays
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -24,17 +25,19 @@ from .datasets import (
     Preprocess,
     dataset_kind,
     find_categories,
+    image_batches,
     list_images,
     load_image,
     train_test_samples,
 )
-from .errors import ConfigError, PatchCoreError
+from .errors import ConfigError, DataError, PatchCoreError
 from .knn import BACKENDS, INDEXES
 from .metrics import format_table, write_results
 from .model import PatchCore, PatchCoreConfig
 from .patches import MODES
 from .pipeline import Result, check_test_set, fit_evaluate
 from .synthetic import CATEGORIES
+from .thresholds import HOLDOUT, auto_threshold, check_holdout, split_holdout
 
 EPILOG = """\
 Folder layouts:
@@ -81,6 +84,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help=f"inverted lists searched per query by ivf/ivfpq (default: {d.knn_nprobe})")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes coreset and data split (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (default: %(default)s)")
+    g.add_argument("--holdout", type=float, default=HOLDOUT, help="fraction of the good images kept out of the "
+                   "memory bank to set the automatic threshold (at least 1 image; 0: none) (default: %(default)s)")
 
 
 def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
@@ -94,6 +99,7 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
         raise ConfigError("--weights and --random-init exclude each other: random weights load no file.")
     if args.nprobe is not None and args.knn_index == "flat":
         raise ConfigError("--nprobe only applies to --knn-index ivf or ivfpq; flat search is exhaustive.")
+    check_holdout(args.holdout)
     base = MTD_PREPROCESS if mtd else MVTEC_PREPROCESS
     return PatchCoreConfig(
         backbone=args.backbone, layers=tuple(args.layers), pretrained=not args.random_init,
@@ -123,7 +129,7 @@ def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> lis
     for root, config in zip(roots, configs):
         model = PatchCore(config, weights_path=args.weights)
         print(f"\n== {root.name}: {model.config.backbone}, coreset {model.config.coreset_ratio:.0%}")
-        result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures)
+        result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures, holdout=args.holdout)
         results.append(result)
         rows.append(result.row(memory_bank=len(model.memory_bank)))
         write_results(rows, out / "results.csv")  # after every category: nothing finished is lost
@@ -166,25 +172,166 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _evaluate_all(find_categories(args.root), args, args.out)
 
 
+def _good_images(root: Path, seed: int) -> tuple[list, Path | None]:
+    """The good training images of ``root`` and the dataset folder whose size defaults apply
+    (None for a plain folder of good images, searched at any depth)."""
+    try:
+        dataset_kind(root)
+    except DataError:
+        if not root.is_dir():
+            raise
+        return list_images([root]), None
+    return train_test_samples(root, seed=seed)[0], root
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
     if args.model.is_dir():
         raise ConfigError(f"--model {args.model} is a folder: give the file to write, e.g. {args.model / 'model.npz'}")
-    train, _ = train_test_samples(args.root, seed=args.seed)
-    model = PatchCore(_config(args, args.root), weights_path=args.weights).fit(train)
+    images, dataset = _good_images(args.root, args.seed)
+    config = _config(args, dataset)
+    train, held = split_holdout(images, args.holdout, args.seed, args.root)
+    model = PatchCore(config, weights_path=args.weights).fit(train)
+    if held:
+        model.calibrate(held)
+        rule, value = auto_threshold(model.normal_scores)
+        print(f"held out {len(held)} good images; --threshold auto would be {value:.4f} ({rule})")
     print(f"memory bank: {len(model.memory_bank)} of {model.n_train_patches} patches; saved {model.save(args.model)}")
+
+
+def _threshold(args: argparse.Namespace, model: PatchCore) -> tuple[str, float] | None:
+    """(rule, value) of ``--threshold``: a number, ``auto`` (the model's held-out normal scores) or none."""
+    if args.threshold is None:
+        return None
+    if args.threshold != "auto":
+        return "manual", _float_threshold(args.threshold)
+    if model.normal_scores is None:
+        raise ConfigError(f"{args.model} holds no held-out normal scores (fit with --holdout 0, or by an older "
+                          "version), so --threshold auto is unavailable: re-fit it, or give --threshold VALUE.")
+    return auto_threshold(model.normal_scores)
+
+
+def _float_threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        raise ConfigError(f"--threshold {text!r}: must be 'auto' or a finite number")
+    return value
+
+
+COLUMNS = ("path", "score", "decision", "threshold", "max_row", "max_col")
+CONTACT_SHEET_MAX = 48
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     files = list_images(args.images)
     model = PatchCore.load(args.model, weights_path=args.weights)
-    args.out.mkdir(parents=True, exist_ok=True)
-    pred = model.predict(files)
-    with open(args.out / "scores.csv", "w", newline="") as f:
-        csv.writer(f).writerows([("path", "score"), *((str(p), f"{s:.6f}") for p, s in zip(files, pred.scores))])
-    np.savez_compressed(args.out / "maps.npz", maps=pred.maps.astype(np.float16), paths=np.array([str(p) for p in files]))
-    for p, s in zip(files, pred.scores):
-        print(f"{s:10.4f}  {p}")
-    print(f"scores: {args.out / 'scores.csv'}, maps: {args.out / 'maps.npz'}")
+    threshold = _threshold(args, model)
+    threshold_text = "" if threshold is None else f"{threshold[1]:.6f}"
+    for folder in (args.out, *(args.out / d for d in ("maps", "overlays") if _wants(args, d))):
+        folder.mkdir(parents=True, exist_ok=True)
+    if threshold is not None:
+        record = {"rule": threshold[0], "threshold": float(threshold_text), "model": str(args.model)}
+        (args.out / "threshold.json").write_text(json.dumps(record, indent=1) + "\n")
+    csv_path = args.out / "scores.csv"
+    done = _scored_rows(csv_path, files, threshold_text) if args.resume else []
+    # Rows reach the file batch by batch: an interrupted run leaves a valid CSV that --resume continues.
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerows([COLUMNS, *done])
+        f.flush()
+        for start in range(len(done), len(files), model.config.batch_size):
+            rows = _score_batch(model, files, start, threshold_text, args)
+            writer.writerows(rows)
+            f.flush()
+            for row in rows:
+                print(f"{float(row[1]):10.4f}  {row[2]:9}  {row[0]}")
+    if args.overlays:
+        _contact_sheet(csv_path, args.out)
+    print(f"scores: {csv_path}" + (f", threshold {threshold_text} ({threshold[0]})" if threshold else ""))
+
+
+def _wants(args: argparse.Namespace, folder: str) -> bool:
+    return args.overlays if folder == "overlays" else not args.no_maps
+
+
+def _name(index: int, path: Path) -> str:
+    """File name stem of image ``index``'s map and overlay: unique even when stems repeat."""
+    return f"{index:06d}_{path.stem}"
+
+
+def _scored_rows(csv_path: Path, files: list[Path], threshold_text: str) -> list[list[str]]:
+    """The complete rows of an earlier run on the same images and threshold, for --resume."""
+    if not csv_path.is_file():
+        return []
+    text = csv_path.read_text()
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or tuple(rows[0]) != COLUMNS:
+        raise DataError(f"{csv_path}: not a scores.csv written by this version of predict; drop --resume.")
+    done = rows[1:] if text.endswith("\n") else rows[1:-1]  # a last row cut short by a crash is scored again
+    for i, row in enumerate(done):
+        if i >= len(files) or row[0] != str(files[i]) or row[3] != threshold_text:
+            raise DataError(f"{csv_path}: row {i + 1} ({row[0]}, threshold {row[3] or 'none'}) is not from this "
+                            "run's images and threshold; drop --resume or use another --out.")
+    return done
+
+
+def _score_batch(model: PatchCore, files: list[Path], start: int, threshold_text: str,
+                 args: argparse.Namespace) -> list[tuple]:
+    """Score one batch from ``files[start]``, write its maps and overlays, and return its CSV rows."""
+    chunk = files[start : start + model.config.batch_size]
+    (images,) = image_batches(chunk, model.preprocess, len(chunk))
+    scores, maps = model.score_batch(images)
+    rows = []
+    for i, (path, image, score, amap) in enumerate(zip(chunk, images, scores.numpy(), maps.numpy())):
+        score_text = f"{score:.6f}"
+        # Decided on the values as written, so that the CSV always agrees with itself.
+        decision = "" if not threshold_text else (
+            "anomalous" if float(score_text) >= float(threshold_text) else "good")
+        row, col = np.unravel_index(int(np.argmax(amap)), amap.shape)
+        name = _name(start + i, path)
+        if not args.no_maps:
+            np.save(args.out / "maps" / f"{name}.npy", amap.astype(np.float16))
+        if args.overlays:
+            png = _overlay_png(model.preprocess.unnormalize(image), amap, score, decision, threshold_text)
+            (args.out / "overlays" / f"{name}.png").write_bytes(png)
+        rows.append((str(path), score_text, decision, threshold_text, int(row), int(col)))
+    return rows
+
+
+def _overlay_png(image: np.ndarray, amap: np.ndarray, score: float, decision: str, threshold_text: str) -> bytes:
+    """The map over the image, the region at or above the threshold outlined, score and decision in the corner."""
+    from . import viz
+
+    region = amap >= float(threshold_text) if threshold_text else None
+    fig = viz.overlay(image, amap, region, title="", outline_label="map >= threshold")
+    ax = fig.axes[0]
+    ax.text(0.02, 0.98, f"{score:.3f} {decision}".strip(), transform=ax.transAxes, va="top", color="white",
+            fontsize=9, bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
+    return viz.png_bytes(fig, dpi=72)
+
+
+def _contact_sheet(csv_path: Path, out: Path) -> None:
+    """One grid of the overlays, the most anomalous images first (at most CONTACT_SHEET_MAX)."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from . import viz
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    top = sorted(range(len(rows)), key=lambda i: -float(rows[i][1]))[:CONTACT_SHEET_MAX]
+    cols, lines = min(6, len(top)), -(-len(top) // 6)
+    fig = Figure(figsize=(2.5 * cols, 2.5 * lines), layout="constrained")
+    for k, i in enumerate(top):
+        ax = fig.add_subplot(lines, cols, k + 1)
+        with Image.open(out / "overlays" / f"{_name(i, Path(rows[i][0]))}.png") as png:
+            ax.imshow(np.asarray(png.convert("RGB")))
+        path = Path(rows[i][0])
+        ax.set_title(f"{path.parent.name}/{path.name} {float(rows[i][1]):.3f}", fontsize=7)
+        ax.axis("off")
+    (out / "contact_sheet.png").write_bytes(viz.png_bytes(fig, dpi=72))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -219,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("fit", help="fit on a folder's normal training images and save the model (.npz)")
-    p.add_argument("root", type=Path, help="an MVTec-layout category or Magnetic Tile Defects")
+    p.add_argument("root", type=Path, help="an MVTec-layout category, Magnetic Tile Defects, or a plain folder "
+                   "of good images (searched at any depth)")
     p.add_argument("--model", type=Path, required=True, help="where to save the model, e.g. bottle.npz")
     _add_model_options(p)
     p.set_defaults(func=cmd_fit)
@@ -228,7 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--model", type=Path, required=True, help="a model saved by `fit`")
     p.add_argument("--weights", type=Path, help="backbone weights file, if the model needs one")
-    p.add_argument("--out", type=Path, default=Path("runs/predict"), help="where scores.csv and maps.npz go")
+    p.add_argument("--out", type=Path, default=Path("runs/predict"),
+                   help="where scores.csv, threshold.json, maps/ and overlays/ go (default: %(default)s)")
+    p.add_argument("--threshold", help="'auto' (from the held-out normal scores saved by fit) or a score: "
+                   "adds decision (anomalous if score >= threshold) to the CSV")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/scores.csv, score the rest")
+    p.add_argument("--no-maps", action="store_true", help="write no maps/<index>_<name>.npy (float16, ~98 kB each)")
+    p.add_argument("--overlays", action="store_true",
+                   help="write overlays/<index>_<name>.png and contact_sheet.png (most anomalous first)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("download", help="fetch MVTec AD categories or Magnetic Tile Defects into the data root")

@@ -3,6 +3,7 @@
     model = PatchCore().fit(train_samples)        # memory bank + greedy coreset
     result = model.predict(test_samples)          # image scores and anomaly maps
     model.save("bottle.npz"); PatchCore.load("bottle.npz")
+    model.calibrate(held_out_good)                # normal scores for thresholds.auto_threshold
 
 Every default and where it comes from (paper = Roth et al. 2022, official =
 amazon-science/patchcore-inspection):
@@ -60,6 +61,7 @@ from .errors import ConfigError, ModelFileError, check_choice, check_int, check_
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
 from .scoring import anomaly_maps, image_scores, patch_scores
+from .thresholds import pixel_quantiles
 
 FORMAT_VERSION = 1
 
@@ -135,6 +137,8 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
         self.index: NearestNeighbors | None = None
         self.n_train_patches = 0
         self.fit_timings: dict[str, float] = {}
+        self.normal_scores: np.ndarray | None = None  # held-out normal image scores (calibrate)
+        self.normal_pixel_quantiles: dict[str, float] = {}
 
     # ---- features -------------------------------------------------------------
     @torch.inference_mode()
@@ -168,6 +172,15 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
             "coreset_s": time.perf_counter() - extracted,
             "coreset_picks": len(picks),
         }
+        return self
+
+    def calibrate(self, normal: Data, progress: bool = True) -> PatchCore:
+        """Score normal images kept out of the memory bank and record their image scores and
+        pixel-score quantiles: ``thresholds.auto_threshold(model.normal_scores)`` then needs no
+        anomalous image. Saved with the model."""
+        pred = self.predict(normal, progress)
+        self.normal_scores = pred.scores.astype(np.float64)
+        self.normal_pixel_quantiles = pixel_quantiles(pred.maps)
         return self
 
     def _kept(self) -> list[torch.Tensor | None]:
@@ -223,6 +236,9 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
             "backbone_fingerprint": self.backbone.fingerprint(),
             "n_train_patches": self.n_train_patches,
         }
+        if self.normal_scores is not None:  # optional keys: older files without them still load
+            meta["normal_scores"] = self.normal_scores.tolist()
+            meta["normal_pixel_quantiles"] = self.normal_pixel_quantiles
         path.parent.mkdir(parents=True, exist_ok=True)
         # A new file in the same folder, renamed into place: an existing model is replaced whole or
         # not at all. open() gives it the usual permissions (umask), where mkstemp would give 0600.
@@ -259,6 +275,9 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
                 "edited. Re-create it with `python -m patchcore_lite fit`."
             )
         model.n_train_patches = int(meta["n_train_patches"])
+        if "normal_scores" in meta:
+            model.normal_scores = np.array(meta["normal_scores"], dtype=np.float64)
+            model.normal_pixel_quantiles = meta.get("normal_pixel_quantiles", {})
         model._set_bank(torch.from_numpy(bank))
         return model
 
@@ -311,6 +330,9 @@ def _read_model_file(path: Path) -> tuple[np.ndarray, dict, PatchCoreConfig]:
     if not (_is_number(fingerprint) and _is_number(n_train) and float(n_train).is_integer() and n_train >= len(bank)):
         raise ModelFileError(f"{path}: backbone_fingerprint {fingerprint!r} or n_train_patches {n_train!r} "
                              f"is not a number (at least the bank's {len(bank)}). {refit}")
+    normal = meta.get("normal_scores", [0.0])
+    if not (isinstance(normal, list) and normal and all(_is_number(v) and np.isfinite(v) for v in normal)):
+        raise ModelFileError(f"{path}: normal_scores must be a non-empty list of finite numbers. {refit}")
     return bank.astype(np.float32), meta, config
 
 

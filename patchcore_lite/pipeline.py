@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .datasets import ImageDataset, Sample, train_test_samples, validate_samples
+from .datasets import ImageDataset, Sample, image_batches, train_test_samples, validate_samples
 from .detector import Detector
 from .errors import DataError
 from .metrics import evaluate as compute_metrics
+from .thresholds import auto_threshold, decision_rates, split_holdout
 
 
 def check_test_set(test: Sequence[Sample], where: str | Path) -> None:
@@ -103,17 +104,26 @@ def fit_evaluate(
     progress: bool = True,
     keep_maps: bool = False,
     batch_size: int = 8,
+    holdout: float = 0.0,
 ) -> Result:
     """Fit on ``root``'s normal training images, then evaluate on its test set.
 
+    With ``holdout`` > 0 that fraction of the training images (seeded) stays out of the fit; their
+    scores set ``thresholds.auto_threshold``, and the metrics gain precision, recall and false-positive
+    rate at it: what the automatic threshold costs on labelled data.
     The test set's labels and every file are checked first: a problem never surfaces after the fit."""
     train, test = train_test_samples(root, seed=seed)
     check_test_set(test, root)
     validate_samples(train + test)
+    train, held = split_holdout(train, holdout, seed, root) if holdout else (train, [])
     start = time.perf_counter()
     detector.fit(ImageDataset(train, detector.preprocess), progress=progress)
     fit_seconds = time.perf_counter() - start
     test_set = ImageDataset(test, detector.preprocess)
     result = evaluate(detector, test_set, name or Path(root).name, progress, keep_maps, batch_size)
     result.timings = {"fit_s": fit_seconds, **result.timings}
+    if held:
+        normal = torch.cat([detector.score_batch(b)[0] for b in image_batches(held, detector.preprocess, batch_size)])
+        _, threshold = auto_threshold(normal.numpy())
+        result.metrics.update(auto_threshold=threshold, **decision_rates(result.labels, result.scores, threshold))
     return result

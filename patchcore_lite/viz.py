@@ -40,11 +40,13 @@ def overlay(
     vmin: float | None = None,
     vmax: float | None = None,
     title: str = "anomaly map",
+    outline_label: str = "ground truth",
 ) -> Figure:
     """Draw the anomaly map as a heat map over the image, with the ground-truth outline if given.
 
     The image is (H, W, 3) or (H, W) with values in [0, 1]; map and mask are (H, W). Pass the same
-    ``vmin``/``vmax`` to several overlays to compare them on one colour scale.
+    ``vmin``/``vmax`` to several overlays to compare them on one colour scale. ``outline_label`` names
+    the mask's outline in the legend.
     """
     image, anomaly_map = _image_01(image_hwc_01), np.asarray(anomaly_map)
     if anomaly_map.shape != image.shape[:2]:
@@ -54,7 +56,7 @@ def overlay(
     heat = ax.imshow(anomaly_map, cmap="jet", alpha=alpha, vmin=vmin, vmax=vmax)
     ax.figure.colorbar(heat, ax=ax, label="anomaly score")
     if mask is not None:
-        _outline(ax, mask, image.shape[:2])
+        _outline(ax, mask, image.shape[:2], outline_label)
     _image_axes(ax, title)
     return ax.figure
 
@@ -179,13 +181,13 @@ def _image_01(image: ArrayLike) -> np.ndarray:
     return image
 
 
-def _outline(ax: Axes, mask: ArrayLike, shape: tuple[int, ...]) -> None:
+def _outline(ax: Axes, mask: ArrayLike, shape: tuple[int, ...], label: str = "ground truth") -> None:
     mask = np.asarray(mask)
     if mask.shape != shape:
         raise ValueError(f"mask shape {mask.shape} does not match image shape {shape}")
     if mask.any():  # contouring an empty mask only warns
         ax.contour(mask.astype(np.float32), levels=[0.5], colors=_MASK_COLOUR, linewidths=1)
-    ax.legend(handles=[Line2D([], [], color=_MASK_COLOUR, label="ground truth")], loc="lower right", fontsize=7)
+    ax.legend(handles=[Line2D([], [], color=_MASK_COLOUR, label=label)], loc="lower right", fontsize=7)
 
 
 def _image_axes(ax: Axes, title: str) -> None:

@@ -36,9 +36,11 @@ def test_fit_then_predict_scores_anomalies_above_normals(category: Path, model_f
     with open(out / "scores.csv") as f:
         rows = list(csv.reader(f))[1:]
     assert [r[0] for r in rows] == [str(normal), str(anomalous)]
+    assert [r[2:4] for r in rows] == [["", ""]] * 2  # no --threshold: no decision
     assert float(rows[0][1]) < float(rows[1][1])
-    with np.load(out / "maps.npz") as maps:
-        assert maps["maps"].shape == (2, 224, 224)
+    maps = sorted((out / "maps").iterdir())
+    assert [p.name for p in maps] == [f"000000_{normal.stem}.npy", f"000001_{anomalous.stem}.npy"]
+    assert np.load(maps[0]).shape == (224, 224)
 
 
 def test_evaluate_writes_results_with_the_search_asked_for(category: Path, tmp_path: Path):
@@ -47,6 +49,8 @@ def test_evaluate_writes_results_with_the_search_asked_for(category: Path, tmp_p
     assert main(args) == 0
     (row,) = json.loads((tmp_path / "results.json").read_text())
     assert row["name"] == category.name and 0.5 < row["image_auroc"] <= 1
+    # the default --holdout 0.1 of train/good sets the automatic threshold; its cost on the labelled test set:
+    assert row["auto_threshold"] > 0 and all(0 <= row[k] <= 1 for k in ("precision", "recall", "fpr"))
 
 
 def test_options_reach_the_config(category: Path):
@@ -98,6 +102,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path: Path, model_file:
     (["--layers", "layer9"], "unknown: layer9"),
     (["--patch-size", "-1"], "patch_size = -1"),
     (["--seed", "-2"], "seed = -2"),
+    (["--holdout", "1"], "holdout = 1.0: must be in [0, 1)"),
     (["--nprobe", "8"], "--nprobe only applies to --knn-index ivf"),
     (["--knn-index", "ivf", "--nprobe", "0"], "knn_nprobe = 0"),
     (["--knn", "torch", "--knn-index", "ivf"], "torch backend is exact"),
