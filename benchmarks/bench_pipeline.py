@@ -66,8 +66,8 @@ def stage_times(model: PatchCore, batches: list[torch.Tensor]) -> dict[str, floa
         for images in batches:
             maps = timed("backbone", model.backbone, images)
             feats = timed("patches", patch_features, maps, c.patch_size, c.patch_stride, c.feature_mode,
-                          c.embed_dim, c.target_dim)
-            dist, nearest = timed("search", patch_scores, feats, index, c.k)
+                          c.embed_dim, c.target_dim, c.grid_index)
+            dist, nearest = timed("search", patch_scores, feats, index, c.k, c.squared)
             timed("image score", image_scores, feats, dist, nearest, index, c.reweight, c.reweight_b)
             timed("maps", anomaly_maps, dist, tuple(images.shape[-2:]), c.sigma)
     return times

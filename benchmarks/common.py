@@ -46,9 +46,10 @@ def search_name(backend: str, index: str, nprobe: int) -> str:
 
 
 def dataset_model(root: Path, **settings) -> PatchCore:
-    """A default PatchCore with the dataset's image sizes (MTD: whole tile; MVTec: resize + crop)."""
+    """A default PatchCore with the dataset's image sizes (MTD: whole tile; MVTec: resize + crop),
+    unless ``settings`` give ``resize`` and ``crop``."""
     base = MTD_PREPROCESS if dataset_kind(root) == "mtd" else MVTEC_PREPROCESS
-    return PatchCore(resize=base.resize, crop=base.crop, **settings)
+    return PatchCore(**{"resize": base.resize, "crop": base.crop, **settings})
 
 
 def dataset_split(root: Path, train_images: int | None, test_images: int | None,

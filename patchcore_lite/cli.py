@@ -63,6 +63,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", default=d.backbone, help="feature extractor (default: %(default)s)")
     g.add_argument("--weights", type=Path, help="backbone weights file (state dict) instead of the default source")
     g.add_argument("--layers", nargs="+", default=list(d.layers), help="stages to read (default: %(default)s)")
+    g.add_argument("--grid-layer", help="layer whose grid the patches use (default: "
+                   f"{d.grid_layer or 'the finest of --layers'}, if among --layers, else the finest)")
     g.add_argument("--random-init", action="store_true", help="random backbone weights (tests only: poor results)")
     g.add_argument("--resize", type=int, help="shorter side before cropping (default: 256; MTD: whole tile to 224x224)")
     g.add_argument("--crop", type=int, help="center crop (default: 224; MTD: none)")
@@ -101,8 +103,11 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
         raise ConfigError("--nprobe only applies to --knn-index ivf or ivfpq; flat search is exhaustive.")
     check_holdout(args.holdout)
     base = MTD_PREPROCESS if mtd else MVTEC_PREPROCESS
+    grid = args.grid_layer
+    if grid is None and PatchCoreConfig.grid_layer in args.layers:
+        grid = PatchCoreConfig.grid_layer
     return PatchCoreConfig(
-        backbone=args.backbone, layers=tuple(args.layers), pretrained=not args.random_init,
+        backbone=args.backbone, layers=tuple(args.layers), grid_layer=grid, pretrained=not args.random_init,
         resize=base.resize if args.resize is None else args.resize,
         crop=base.crop if args.crop is None else args.crop,
         patch_size=args.patch_size, feature_mode=args.feature_mode, coreset_ratio=args.coreset_ratio,

@@ -13,6 +13,7 @@ setting           default              source
 ================  ===================  =============================================
 backbone          efficientnet_lite0   offline stand-in for the paper's WRN50
 layers            layer2, layer3       paper Sec. 4.4 (stride 8 + 16 stages)
+grid_layer        None (finest layer)  paper eq. 3 (patches on the finest stage's grid)
 resize, crop      256, 224             paper Sec. 4.1 / official MVTec loader
 patch_size p      3                    paper Sec. 4.4 (neighbourhood 3x3)
 patch_stride s    1                    official
@@ -72,6 +73,7 @@ class PatchCoreConfig:
 
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ("layer2", "layer3")
+    grid_layer: str | None = None  # the layer whose grid the patches use; None: the finest (eq. 3)
     pretrained: bool = True
     resize: int | tuple[int, int] = 256
     crop: int | None = 224
@@ -100,6 +102,8 @@ class PatchCoreConfig:
         """Refuse any setting out of range with a ConfigError, before a backbone is built or a fit starts."""
         check_detector_config(self, self.layers)
         check_choice("feature_mode", self.feature_mode, MODES)
+        if self.grid_layer is not None:
+            check_choice("grid_layer", self.grid_layer, self.layers)
         for name in ("patch_size", "patch_stride", "embed_dim", "target_dim", "projection_dim", "k", "knn_nprobe"):
             check_int(name, getattr(self, name))
         check_real("coreset_ratio", self.coreset_ratio, lambda v: 0 < v <= 1, "in (0, 1], the fraction of patches kept")
@@ -112,6 +116,11 @@ class PatchCoreConfig:
         check_int("reweight_b", self.reweight_b, 2, " (eq. 7: b = 1 gives every image the score 0); "
                   "reweight=False (CLI: --no-reweight) is eq. 6, no reweighting")
         check_search(self.knn_backend, self.knn_index)
+
+    @property
+    def grid_index(self) -> int:
+        """Position in ``layers`` of the stage whose grid the patches use (eq. 3: 0, the finest)."""
+        return 0 if self.grid_layer is None else self.layers.index(self.grid_layer)
 
     @classmethod
     def from_dict(cls, values: dict) -> PatchCoreConfig:
@@ -146,7 +155,8 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
         """Locally aware patch features (B, h, w, D) of normalised images (eq. 1-3)."""
         c = self.config
         fmaps = self.backbone(images.to(self.device))
-        feats = patch_features(fmaps, c.patch_size, c.patch_stride, c.feature_mode, c.embed_dim, c.target_dim)
+        feats = patch_features(fmaps, c.patch_size, c.patch_stride, c.feature_mode, c.embed_dim, c.target_dim,
+                               c.grid_index)
         return feats.float().cpu()
 
     # ---- fit --------------------------------------------------------------------

@@ -5,6 +5,10 @@ PatchCore widens it without going deeper: each position takes the average of
 its p x p neighbourhood N_p^(h,w) (eq. 1-2, "adaptive average pooling"), the
 coarser stage is upsampled bilinearly to the finer stage's grid, and the two
 are concatenated (eq. 3). The result is one vector per patch of the finer grid.
+``grid`` picks another stage's grid instead: finer stages are then downsampled to it
+(bilinear; at a factor of 2 that is the mean of each 2 x 2 block), so a stride-4 stage can add
+its detail to the stride-8 grid without quadrupling the number of patches (the accuracy study,
+``benchmarks/accuracy_study.py``).
 
 Two ways to build it, both selectable with ``mode``:
 
@@ -39,7 +43,7 @@ def local_aggregate(fmap: torch.Tensor, patch_size: int = 3, stride: int = 1) ->
 
 
 def align(fmaps: list[torch.Tensor], size: tuple[int, int] | None = None) -> list[torch.Tensor]:
-    """Eq. 3's alignment: upsample every map bilinearly to ``size`` (default: the first, finest grid)."""
+    """Eq. 3's alignment: resize every map bilinearly to ``size`` (default: the first, finest grid)."""
     size = size or tuple(fmaps[0].shape[-2:])
     return [
         m if tuple(m.shape[-2:]) == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
@@ -54,16 +58,21 @@ def patch_features(
     mode: str = "avgpool",
     embed_dim: int = 1024,
     target_dim: int = 1024,
+    grid: int = 0,
 ) -> torch.Tensor:
     """Eq. 3: locally aware patch features of all positions, shape (B, H, W, D).
 
-    ``fmaps`` are the backbone's stage outputs, finest first.
+    ``fmaps`` are the backbone's stage outputs, finest first; the patches lie on the grid of
+    ``fmaps[grid]`` (0, the finest, as in the paper).
     """
+    if not 0 <= grid < len(fmaps):
+        raise ValueError(f"grid must index one of the {len(fmaps)} stages, got {grid}")
     if mode == "avgpool":
-        pooled = align([local_aggregate(m, patch_size, stride) for m in fmaps])
-        return torch.cat(pooled, dim=1).permute(0, 2, 3, 1).contiguous()
+        pooled = [local_aggregate(m, patch_size, stride) for m in fmaps]
+        aligned = align(pooled, tuple(pooled[grid].shape[-2:]))
+        return torch.cat(aligned, dim=1).permute(0, 2, 3, 1).contiguous()
     if mode == "official":
-        return _official(fmaps, patch_size, stride, embed_dim, target_dim)
+        return _official(fmaps, patch_size, stride, embed_dim, target_dim, grid)
     raise ValueError(f"unknown feature mode {mode!r}; choose one of {MODES}")
 
 
@@ -77,10 +86,11 @@ def _unfold(fmap: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
 
 
 def _official(
-    fmaps: list[torch.Tensor], patch_size: int, stride: int, embed_dim: int, target_dim: int
+    fmaps: list[torch.Tensor], patch_size: int, stride: int, embed_dim: int, target_dim: int, grid: int = 0
 ) -> torch.Tensor:
     """patchcore-inspection's PatchMaker + Preprocessing + Aggregator, in one pass."""
-    unfolded = align([_unfold(m, patch_size, stride) for m in fmaps])
+    unfolded = [_unfold(m, patch_size, stride) for m in fmaps]
+    unfolded = align(unfolded, tuple(unfolded[grid].shape[-2:]))
     b, _, h, w = unfolded[0].shape
     per_stage = [
         F.adaptive_avg_pool1d(u.permute(0, 2, 3, 1).reshape(b * h * w, 1, -1), embed_dim)

@@ -78,3 +78,28 @@ def test_official_mode_matches_official_code(patchsize, stride):
 def test_unknown_mode():
     with pytest.raises(ValueError, match="unknown feature mode"):
         patch_features([torch.randn(1, 1, 4, 4)], mode="max")
+
+
+@pytest.mark.parametrize("mode", ["avgpool", "official"])
+def test_grid_puts_patches_on_a_coarser_stage_grid(mode):
+    """grid=1: the finer stage is brought down to the coarser grid, the coarser stage kept as it is;
+    at a factor of 2 bilinear downsampling is the mean of each 2 x 2 block."""
+    fine, coarse = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)
+    out = patch_features([fine, coarse], patch_size=1, mode=mode, embed_dim=10, target_dim=10, grid=1)
+    assert out.shape[:3] == (2, 4, 4)
+    if mode == "avgpool":
+        torch.testing.assert_close(out[..., :4], F.avg_pool2d(fine, 2).permute(0, 2, 3, 1))
+        torch.testing.assert_close(out[..., 4:], coarse.permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="grid"):
+        patch_features([fine, coarse], grid=2, mode=mode)
+
+
+def test_grid_layer_config_and_model_features():
+    from patchcore_lite.errors import ConfigError
+    from patchcore_lite.model import PatchCore, PatchCoreConfig
+
+    with pytest.raises(ConfigError, match="grid_layer"):
+        PatchCoreConfig(layers=("layer2", "layer3"), grid_layer="layer1")
+    model = PatchCore(layers=("layer1", "layer2", "layer3"), grid_layer="layer2", pretrained=False)
+    feats = model.extract(torch.randn(1, 3, 64, 64))
+    assert feats.shape == (1, 8, 8, sum(model.backbone.channels))  # the stride-8 grid, all three stages

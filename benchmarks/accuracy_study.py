@@ -1,0 +1,279 @@
+"""The accuracy study (issue 14): which settings let the offline backbone localise like the paper.
+
+    python benchmarks/accuracy_study.py             # the whole grid; resumable (rows already in the CSV are kept)
+    python benchmarks/accuracy_study.py --list      # the candidates, nothing run
+    python benchmarks/accuracy_study.py --report    # RESULTS.md's section from the CSV, nothing run
+
+Every candidate is the default PatchCore with one or two settings changed. For each development set
+(Magnetic Tile Defects with the paper's split, reduced MVTec AD hazelnut and transistor) it is fit and
+evaluated exactly as ``fit`` + ``evaluate`` do (same preprocessing, coreset, search and metrics); the
+features of a candidate family are extracted once and shared by the scoring variants (b, k, coreset
+ratio and method). Rows go to ``accuracy_study.csv`` as they finish, with fit seconds (features +
+coreset) and milliseconds per test image (features + exact search + eq. 7 + maps) on that set.
+The speed gate (rule 3) is measured only for candidates that pass rules 1 and 2, since failing
+either already rules a candidate out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from common import dataset_model, dataset_split
+from patchcore_lite.download import data_root, mvtec_category
+from patchcore_lite.coreset import select_coreset
+from patchcore_lite.datasets import dataset_kind, image_batches
+from patchcore_lite.experiments import evaluate_bank, split_features
+
+# ---- the rule: written on 2026-12-01 before any run, and kept --------------------------------------
+RULE = """\
+A candidate replaces the default only if all three hold:
+1. its mean AUPRO over the development sets (Magnetic Tile Defects, hazelnut, transistor) is higher
+   than the default's;
+2. on no development set does its image AUROC fall by more than 0.005 below the default's;
+3. with exact search it scores at least 12 images/s on a bottle-size bank (the first 209 training
+   images of Magnetic Tile Defects, 10% coreset) on the 2-core development machine, measured from
+   normalised image tensors to maps (backbone, patch features, exact faiss search, eq. 7, maps;
+   batches of 8; median of 3 timed passes over 64 test images after a warm-up pass).
+Of the candidates that pass, the one with the highest mean AUPRO wins; it is the new default.
+Round 1 changes one setting at a time. Round 2 combines the two round-1 candidates with the highest
+mean AUPRO among those that pass rules 1 and 2 and change different settings."""
+
+MIN_IMAGES_PER_S = 12.0
+MAX_IMAGE_AUROC_DROP = 0.005
+
+# name -> settings changed from the default. Order: most promising and cheapest first, so a partial
+# run already answers the main question.
+ROUND_1: dict[str, dict] = {
+    "default": {},
+    "layers 1+2+3 (stride-8 grid)": {"layers": ("layer1", "layer2", "layer3"), "grid_layer": "layer2"},
+    "no reweighting (eq. 6)": {"reweight": False},
+    "b = 3": {"reweight_b": 3},
+    "k = 3": {"k": 3},
+    "coreset 1%": {"coreset_ratio": 0.01},
+    "coreset 25%": {"coreset_ratio": 0.25},
+    "random coreset 10%": {"coreset_method": "random"},
+    "p = 1": {"patch_size": 1},
+    "p = 5": {"patch_size": 5},
+    "layers 1+2 (stride-8 grid)": {"layers": ("layer1", "layer2"), "grid_layer": "layer2"},
+    "layers 3+4": {"layers": ("layer3", "layer4")},
+    "EfficientNet-Lite1": {"backbone": "efficientnet_lite1"},
+    "EfficientNet-Lite2": {"backbone": "efficientnet_lite2"},
+    "resolution 256": {"resolution": 256},
+    "resolution 288": {"resolution": 288},
+    "official 1024-d features": {"feature_mode": "official"},
+    "resolution 320": {"resolution": 320},
+}
+# Settings that only change scoring or the coreset: the candidate shares its family's features.
+SCORING = {"reweight", "reweight_b", "k", "coreset_ratio", "coreset_method"}
+FIELDS = ["round", "candidate", "dataset", "image_auroc", "pixel_auroc", "aupro", "fit_s", "ms_per_image",
+          "bank_size", "n_train", "n_test"]
+HERE = Path(__file__).resolve().parent
+
+
+def development_sets() -> dict[str, Path]:
+    """The development sets found under the data root (Magnetic Tile Defects, hazelnut, transistor)."""
+    sets = {"magnetic_tile": data_root() / "magnetic_tile"}
+    sets.update({name: mvtec_category(name) for name in ("hazelnut", "transistor")})
+    missing = [name for name, path in sets.items() if path is None or not path.is_dir()]
+    if missing:
+        raise SystemExit(f"the study needs {', '.join(missing)} under {data_root()}: "
+                         "python -m patchcore_lite download mtd / mvtec_ad hazelnut transistor")
+    return sets
+
+
+def model_for(root: Path, settings: dict):
+    """The default model for ``root`` with ``settings``; ``resolution`` R means an R x R network input
+    (MTD: the whole tile resized to R x R; MVTec: resized to R * 256 / 224, centre crop R)."""
+    settings = dict(settings)
+    resolution = settings.pop("resolution", None)
+    if resolution is not None:
+        mtd = dataset_kind(root) == "mtd"
+        settings.update({"resize": (resolution, resolution), "crop": None} if mtd else
+                        {"resize": round(resolution * 256 / 224), "crop": resolution})
+    return dataset_model(root, **settings)
+
+
+def family(settings: dict) -> tuple:
+    """What the features depend on: everything but the scoring and coreset settings."""
+    return tuple(sorted((k, v) for k, v in settings.items() if k not in SCORING))
+
+
+def evaluate_candidate(root: Path, settings: dict, cache: dict) -> dict:
+    """Fit (features + coreset, as ``PatchCore.fit``) and evaluate one candidate on one set."""
+    key = (str(root), family(settings))
+    if key not in cache:
+        cache.clear()  # one family at a time: the MTD features of one family fill a few hundred MB
+        model = model_for(root, {k: v for k, v in settings.items() if k not in SCORING})
+        train, test = dataset_split(root, None, None)
+        cache[key] = (model, split_features(model, train), split_features(model, test))
+    base, train, test = cache[key]
+    config = replace(base.config, **{k: v for k, v in settings.items() if k in SCORING})
+    bank = train["features"].flatten(0, 2)
+    start = time.perf_counter()
+    picks = select_coreset(bank, config.coreset_ratio, config.coreset_method, config.projection_dim,
+                           config.projection_eps, config.coreset_start, config.seed)
+    coreset_s = time.perf_counter() - start
+    row, _ = evaluate_bank(bank[picks].contiguous(), test, config)
+    n_test = len(test["labels"])
+    return {
+        "image_auroc": row["image_auroc"], "pixel_auroc": row["pixel_auroc"], "aupro": row["aupro"],
+        "fit_s": train["extract_s"] + coreset_s,
+        "ms_per_image": row["search_ms_per_image"] + 1000 * test["extract_s"] / n_test,
+        "bank_size": row["bank_size"], "n_train": len(train["labels"]), "n_test": n_test,
+    }
+
+
+def images_per_second(settings: dict, mtd: Path, repeat: int = 3) -> float:
+    """Rule 3: images/s from tensors to maps with exact search on a bottle-size bank (209 MTD images, 10%)."""
+    model = model_for(mtd, {**settings, "coreset_ratio": 0.1, "coreset_method": "greedy"})
+    train, test = dataset_split(mtd, 209, 64)
+    model.fit(train, progress=False)
+    batches = list(image_batches(test, model.preprocess, 8))
+    times = []
+    for _ in range(repeat + 1):  # the first pass warms up
+        start = time.perf_counter()
+        for images in batches:
+            model.score_batch(images)
+        times.append(time.perf_counter() - start)
+    return len(test) / statistics.median(times[1:])
+
+
+# ---- rows, rule and report ------------------------------------------------------------------------
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def append_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS + ["images_per_s"], extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def summary(rows: list[dict], sets: list[str]) -> dict[str, dict]:
+    """Per candidate with every set done: per-set metrics, mean AUPRO, rules 1-2, and the gate if measured."""
+    by: dict[str, dict] = {}
+    for r in rows:
+        by.setdefault(r["candidate"], {"round": r["round"], "speed": None})
+        if r["dataset"] == "speed gate":
+            by[r["candidate"]]["speed"] = float(r["images_per_s"])
+        else:
+            by[r["candidate"]][r["dataset"]] = {k: float(r[k]) for k in FIELDS[3:8]}
+    done = {name: s for name, s in by.items() if all(d in s for d in sets)}
+    if "default" not in done:
+        return done
+    base = done["default"]
+    for s in done.values():
+        s["mean_aupro"] = statistics.mean(s[d]["aupro"] for d in sets)
+        s["rule_1"] = s["mean_aupro"] > statistics.mean(base[d]["aupro"] for d in sets)
+        s["rule_2"] = all(s[d]["image_auroc"] >= base[d]["image_auroc"] - MAX_IMAGE_AUROC_DROP for d in sets)
+        s["rule_3"] = None if s["speed"] is None else s["speed"] >= MIN_IMAGES_PER_S
+    return done
+
+
+def winner(done: dict[str, dict]) -> str:
+    passing = [n for n, s in done.items() if n != "default" and s["rule_1"] and s["rule_2"] and s["rule_3"]]
+    return max(passing, key=lambda n: done[n]["mean_aupro"]) if passing else "default"
+
+
+def round_2(done: dict[str, dict], round_1: dict[str, dict]) -> dict[str, dict]:
+    """The combination of the two best round-1 candidates that pass rules 1-2 and change different settings."""
+    good = sorted((n for n, s in done.items() if n in round_1 and n != "default" and s["rule_1"] and s["rule_2"]),
+                  key=lambda n: -done[n]["mean_aupro"])
+    for i, a in enumerate(good):
+        for b in good[i + 1:]:
+            if not set(round_1[a]) & set(round_1[b]):
+                return {f"{a} + {b}": {**round_1[a], **round_1[b]}}
+    return {}
+
+
+def report(rows: list[dict], sets: list[str], candidates: dict[str, dict]) -> str:
+    """RESULTS.md's section: the rule, every candidate, the winner."""
+    done = summary(rows, sets)
+    short = {"magnetic_tile": "MTD", "hazelnut": "hazelnut", "transistor": "transistor"}
+    head = ["round", "candidate"] + [f"{short[d]} {m}" for d in sets for m in ("image", "pixel", "AUPRO")]
+    head += ["mean AUPRO", "fit s (MTD)", "ms/img (MTD)", "gate img/s", "rules 1 / 2 / 3"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fit = {(r["candidate"], r["dataset"]): r for r in rows}
+    mark = {True: "yes", False: "no", None: "-"}
+    for name in candidates:
+        if name not in done:
+            continue
+        s, m = done[name], fit[(name, "magnetic_tile")]
+        cells = [s["round"], name] + [f"{s[d][k]:.3f}" for d in sets for k in ("image_auroc", "pixel_auroc", "aupro")]
+        cells += [f"**{s['mean_aupro']:.4f}**", f"{float(m['fit_s']):.0f}", f"{float(m['ms_per_image']):.0f}",
+                  "-" if s["speed"] is None else f"{s['speed']:.1f}",
+                  " / ".join(mark[s.get(f"rule_{i}")] for i in (1, 2, 3))]
+        lines.append("| " + " | ".join(cells) + " |")
+    best = winner(done) if "default" in done else "default"
+    return "\n".join(["```text", RULE, "```", "", *lines, "", f"Winner by the rule: **{best}**."])
+
+
+def write_report(text: str, path: Path = HERE / "RESULTS.md") -> None:
+    start, end = "<!-- accuracy-study:start -->", "<!-- accuracy-study:end -->"
+    body = path.read_text()
+    block = f"{start}\n{text}\n{end}"
+    if start in body:
+        body = body[: body.index(start)] + block + body[body.index(end) + len(end):]
+    else:
+        body += f"\n## The accuracy study (issue 14): `python benchmarks/accuracy_study.py`\n\n{block}\n"
+    path.write_text(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", type=Path, default=HERE / "accuracy_study.csv")
+    parser.add_argument("--list", action="store_true", help="print the rule and the candidates, run nothing")
+    parser.add_argument("--report", action="store_true", help="rewrite RESULTS.md's section from the CSV, run nothing")
+    args = parser.parse_args()
+    print(RULE, "\n")
+    if args.list:
+        print("\n".join(f"round 1: {n}: {s}" for n, s in ROUND_1.items()))
+        return
+    sets = development_sets()
+    names = list(sets)
+    if not args.report:
+        run_round(1, ROUND_1, sets, args.csv)
+        run_round(2, round_2(summary(read_rows(args.csv), names), ROUND_1), sets, args.csv)
+    rows = read_rows(args.csv)
+    candidates = {**ROUND_1, **round_2(summary(rows, names), ROUND_1)}
+    write_report(report(rows, names, candidates))
+    print(report(rows, names, candidates))
+
+
+def run_round(number: int, candidates: dict[str, dict], sets: dict[str, Path], path: Path) -> None:
+    """Accuracy on every set, then the speed gate for those passing rules 1-2; rows already in the CSV are kept."""
+    from tqdm.auto import tqdm
+
+    done = {(r["candidate"], r["dataset"]) for r in read_rows(path)}
+    cache: dict = {}
+    todo = [(n, d) for n in candidates for d in sets if (n, d) not in done]
+    for name, dataset in tqdm(todo, desc=f"round {number}", unit="run"):
+        row = evaluate_candidate(sets[dataset], candidates[name], cache)
+        append_row(path, {"round": number, "candidate": name, "dataset": dataset, **row})
+        print(f"{name:32s} {dataset:14s} image {row['image_auroc']:.3f} pixel {row['pixel_auroc']:.3f} "
+              f"AUPRO {row['aupro']:.3f}  fit {row['fit_s']:.0f} s  {row['ms_per_image']:.0f} ms/img", flush=True)
+    cache.clear()
+    state = summary(read_rows(path), list(sets))
+    for name in candidates:
+        s = state.get(name, {})
+        if s.get("speed") is None and (name == "default" or (s.get("rule_1") and s.get("rule_2"))):
+            speed = images_per_second(candidates[name], sets["magnetic_tile"])
+            append_row(path, {"round": number, "candidate": name, "dataset": "speed gate", "images_per_s": speed})
+            print(f"{name:32s} speed gate: {speed:.1f} images/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
