@@ -63,6 +63,20 @@ def test_options_reach_the_config(category: Path):
     assert PatchCore(config, pretrained=False).config.knn_nprobe == 16
 
 
+def test_grid_layer_option(category: Path, capsys):
+    from patchcore_lite.cli import _config
+
+    parse = build_parser().parse_args
+    args = parse(["fit", str(category), "--model", "x.npz", "--layers", "layer1", "layer2", "layer3",
+                  "--grid-layer", "layer2"])
+    assert _config(args, category).grid_index == 1
+    # without --grid-layer: the default grid layer if it is among --layers, else the finest layer
+    config = _config(parse(["fit", str(category), "--model", "x.npz", "--layers", "layer3", "layer4"]), category)
+    assert config.grid_index == 0
+    assert main(["fit", str(category), "--model", "x.npz", "--grid-layer", "layer4"]) == 2
+    assert "grid_layer" in _one_error_line(capsys)
+
+
 def test_predict_on_a_category_folder_scores_its_images_not_its_masks(model_file: Path, tmp_path: Path):
     widget = make_category(tmp_path / "widget")
     (widget / "test" / "good" / "._000.png").write_bytes(b"macOS resource fork")
