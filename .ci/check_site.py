@@ -3,9 +3,10 @@
     python .ci/check_site.py [_build/html]
 
 For every page of the table of contents: it loads without a failed or missing request, no
-image is broken, equations are typeset by MathJax, the chapter has a Summary, a collapsed
-solution and executed outputs with figures, and every flipbook's range control changes the visible figure when moved with the
-keyboard (no kernel: the page alone). Exits 1 with one line per problem.
+image is broken and equations are typeset by MathJax. Every chapter also has a Summary, at least
+three collapsed exercise solutions and executed outputs with figures, and every flipbook's range
+control changes the visible figure when moved with the keyboard (no kernel: the page alone); at
+least four chapters have one. Exits 1 with one line per problem.
 Needs Debian's ``chromium`` and the ``playwright`` package (its own browser download is not used).
 """
 
@@ -37,11 +38,17 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def chapters() -> list[str]:
-    return re.findall(r"file: (notebooks/\S+)", Path("_toc.yml").read_text())
+MIN_SOLUTIONS, MIN_FLIPBOOK_CHAPTERS = 3, 4
+
+
+def pages() -> list[str]:
+    """Every page of the table of contents, the root first."""
+    toc = Path("_toc.yml").read_text()
+    return re.findall(r"^root: (\S+)", toc, re.M) + re.findall(r"file: (\S+)", toc)
 
 
 def check_page(page: Page, url: str, name: str) -> list[str]:
+    """What every page needs: every request answered, every image shown, every equation typeset."""
     problems: list[str] = []
     page.on("requestfailed", lambda r: problems.append(f"{name}: request failed: {r.url}"))
     page.on("response", lambda r: r.status >= 400 and problems.append(f"{name}: HTTP {r.status}: {r.url}"))
@@ -52,10 +59,17 @@ def check_page(page: Page, url: str, name: str) -> list[str]:
     problems += [f"{name}: broken image {src}" for src in broken]
     if page.locator(".math").count() and not page.locator("mjx-container").count():
         problems.append(f"{name}: equations are not typeset (no MathJax output)")
+    return problems
+
+
+def check_chapter(page: Page, name: str) -> list[str]:
+    """What a chapter adds: a Summary, hidden solutions, figures, and flipbooks that move."""
+    problems: list[str] = []
     if not page.locator("section#summary").count():
         problems.append(f"{name}: no Summary section")
-    if not page.locator("details:not([open])").count():
-        problems.append(f"{name}: no hidden (collapsed) exercise solution")
+    solutions = page.locator("details:not([open])").filter(has_text="Solution").count()
+    if solutions < MIN_SOLUTIONS:
+        problems.append(f"{name}: {solutions} hidden (collapsed) exercise solutions, fewer than {MIN_SOLUTIONS}")
     if not page.locator(".cell_output").count() or not page.locator(".cell_output img").count():
         problems.append(f"{name}: no executed output with a figure")
     for i in range(page.locator(".flipbook").count()):
@@ -83,17 +97,24 @@ def check_flipbook(page: Page, i: int, name: str) -> list[str]:
 
 def main(site: Path) -> int:
     server, base = serve(site)
-    problems, flipbooks = [], 0
+    problems, flipbooks, chapters = [], {}, 0
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        for chapter in chapters():
+        for name in pages():
             page = browser.new_page()
-            problems += check_page(page, f"{base}/{chapter}.html", chapter)
-            flipbooks += page.locator(".flipbook").count()
+            problems += check_page(page, f"{base}/{name}.html", name)
+            if name.startswith("notebooks/"):
+                chapters += 1
+                problems += check_chapter(page, name)
+                flipbooks[name] = page.locator(".flipbook").count()
             page.close()
         browser.close()
     server.shutdown()
-    print("\n".join(problems) or f"site in Chromium: {len(chapters())} chapters, {flipbooks} flipbooks, no problems")
+    moving = sum(1 for n in flipbooks.values() if n)
+    if moving < MIN_FLIPBOOK_CHAPTERS:
+        problems.append(f"only {moving} chapters have a flipbook, fewer than {MIN_FLIPBOOK_CHAPTERS}")
+    print("\n".join(problems) or f"site in Chromium: {len(pages())} pages, {chapters} chapters, "
+          f"{sum(flipbooks.values())} flipbooks in {moving} chapters, no problems")
     return 1 if problems else 0
 
 
