@@ -6,10 +6,9 @@ Gaussian per *position* of the feature grid:
 
 * Embedding (Sec. 3.1): the first three stages' maps, upsampled to the finest
   grid and concatenated (as SPADE's pyramid; PatchCore's features with a 1 x 1
-  neighbourhood). Here the coarser maps are upsampled *bilinearly*
-  (``patches.align``); the reference code's ``embedding_concat`` copies each
-  coarse value to the s x s finer positions it covers (nearest neighbour). Then a random subset of d channels ("Rd", Sec. 4.2: d = 100 of
-  448 for ResNet18, 550 of 1792 for WRN50), drawn once with a seed.
+  neighbourhood), the coarser maps upsampled bilinearly (see Deviations).
+  Then a random subset of d channels ("Rd", Sec. 4.2: d = 100 of 448 for
+  ResNet18, 550 of 1792 for WRN50), drawn once with a seed.
 * Learning (eq. 1): for each position (i, j), the mean ``mu_ij`` and the sample
   covariance ``Sigma_ij = 1/(N-1) sum_k (x^k_ij - mu_ij)(x^k_ij - mu_ij)^T + eps I``
   over the N training images, with eps = 0.01 so that it is invertible even when
@@ -20,14 +19,26 @@ Gaussian per *position* of the feature grid:
   image score is the map's maximum (as the authors' code).
 
 The precision matrices ``Sigma_ij^-1`` are computed once at fit time and all
-positions are scored in one batched ``einsum``. The official code (xiahaifeng1995
-/PaDiM-Anomaly-Detection-Localization-master) also min-max normalises maps over
-the test set before computing metrics; we do not, since it uses the test set.
+positions are scored in one batched ``einsum``.
+
+Deviations from the reference code (xiahaifeng1995/PaDiM-Anomaly-Detection-
+Localization-master; chapter 5b lists them too):
+
+* Alignment: the coarser stages are upsampled *bilinearly* (``patches.align``,
+  shared with PatchCore and SPADE, so that a comparison measures the methods, not
+  their resampling). The reference ``embedding_concat`` copies each coarse value
+  to the s x s finer positions it covers (nearest neighbour, via unfold/fold).
+* No min-max normalisation of the maps over the test set: the reference applies
+  it before its metrics, which uses the test set; being one monotone map over
+  all test pixels, it changes none of the metrics.
+* Precision matrices are inverted once at fit time (Cholesky, float64) and
+  stored in float32; the reference stores the float32 covariances and inverts
+  each position's matrix again for every test set.
 
 Memory: PaDiM keeps ``h * w * d^2`` precision entries. WRN50 at 224 (56 x 56
-grid, d = 550): 3136 * 550^2 * 4 bytes = 3.8 GB per category in float32 (7.6 GB in
-the float64 the official code keeps), independent of the number of training
-images; EfficientNet-Lite0 with d = 100: 125 MB.
+grid, d = 550): 3136 * 550^2 * 4 bytes = 3.8 GB per category in float32 (the
+reference code's float32 covariances take the same), independent of the number
+of training images; EfficientNet-Lite0 with d = 100: 125 MB.
 """
 
 from __future__ import annotations

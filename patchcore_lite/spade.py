@@ -15,12 +15,20 @@ PatchCore's closest predecessor. Two nearest-neighbour stages, no training:
    WRN50 at 224) upsampled to the finest grid and concatenated; maps are
    upsampled to the input and smoothed by a Gaussian of sigma = 4 (Sec. 4).
 
-There is no official code. The widely used port (byungjae89/SPADE-pytorch) uses
-K = 5 and plain (not squared) distances, which ``k=5, squared=False`` select; it
-also searches each stage separately and averages the three upsampled maps, while
-here the stages are concatenated into one vector per pixel (one search). These
-pixel features are PatchCore's with a 1 x 1 neighbourhood (no local
+These pixel features are PatchCore's with a 1 x 1 neighbourhood (no local
 aggregation) from one more, shallower stage.
+
+Deviations (there is no official code; chapter 5b lists them too):
+
+* K: with N < K training images, eq. 1 averages over the K' = min(K, N) nearest
+  and every gallery holds all training pixels (N = K' is common on small data).
+* One search per pixel over the concatenated pyramid, its coarser stages aligned
+  bilinearly (``patches.align``). The widely used port (byungjae89/SPADE-pytorch)
+  searches each stage at its own resolution and averages the three bilinearly
+  upsampled maps; it also uses K = 5 and plain (not squared) distances, which
+  ``k=5, squared=False`` select.
+* Backbone: EfficientNet-Lite0 by default (offline); the image vector is its
+  deepest stage (``layer4``) averaged, where the paper pools WRN50's output.
 
 Memory: SPADE keeps every training pixel feature. Per category that is
 ``N * h * w * D * 4`` bytes: for WRN50 (D = 1792, 56 x 56) and MVTec's 391

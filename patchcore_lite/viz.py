@@ -76,13 +76,7 @@ def plot_examples(
     Without ``indices``, shows up to ``n`` images: the first anomalous ones (half, rounded up) and
     then the first normal ones, in dataset order.
     """
-    images, maps, masks = np.asarray(images), np.asarray(maps), np.asarray(masks)
-    labels, scores = image_level_inputs(labels, scores, both_classes=False)
-    if maps.ndim != 3 or masks.shape != maps.shape or images.shape[:3] != maps.shape or len(labels) != len(maps):
-        raise ValueError(
-            f"need images (N, H, W[, 3]), maps and masks (N, H, W), N scores and labels; got images "
-            f"{images.shape}, maps {maps.shape}, masks {masks.shape}, {len(labels)} scores and labels"
-        )
+    images, maps, masks, scores, labels = _gallery_inputs(images, maps, masks, scores, labels)
     chosen = _pick_examples(labels, n) if indices is None else np.asarray(indices, dtype=int)
     if chosen.size == 0 or not ((0 <= chosen) & (chosen < len(maps))).all():
         raise ValueError(f"indices must select at least one of the {len(maps)} images; got {chosen.tolist()}")
@@ -96,6 +90,80 @@ def plot_examples(
         row[1].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
         _image_axes(row[1], "ground truth")
         overlay(images[i], maps[i], masks[i], ax=row[2], vmin=vmin, vmax=vmax)
+    return fig
+
+
+def failure_cases(labels: ArrayLike, scores: ArrayLike, n: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """The worst ranked test images: up to ``n`` normal ones with the highest scores (worst first)
+    and up to ``n`` anomalous ones with the lowest (worst first), as two index arrays.
+
+    They are the images that cost AUROC most: a normal image ranked above k anomalous ones breaks
+    k of the (anomalous, normal) pairs image AUROC counts. Ties keep dataset order.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    labels, scores = image_level_inputs(labels, scores, both_classes=False)
+    normal, anomalous = np.flatnonzero(~labels), np.flatnonzero(labels)
+    worst_normal = normal[np.argsort(-scores[normal], kind="stable")[:n]]
+    worst_anomalous = anomalous[np.argsort(scores[anomalous], kind="stable")[:n]]
+    return worst_normal, worst_anomalous
+
+
+def plot_failures(
+    images: ArrayLike,
+    maps: ArrayLike,
+    masks: ArrayLike,
+    scores: ArrayLike,
+    labels: ArrayLike,
+    n: int = 3,
+    threshold: float | None = None,
+    defects: Sequence[str] | None = None,
+    title: str = "Failure gallery: the worst false positives and false negatives",
+) -> Figure:
+    """A failure gallery: one column per case of ``failure_cases`` (worst false positives, then worst
+    false negatives), rows image | ground truth | anomaly map, all maps on one colour scale.
+
+    A cross marks the map's maximum, the place the detector found most anomalous. Each title gives
+    the image's score and how many images of the other class it is ranked wrongly against; with a
+    ``threshold`` it also says whether the image is flagged, and ``defects`` names each image's defect.
+    """
+    images, maps, masks, scores, labels = _gallery_inputs(images, maps, masks, scores, labels)
+    if defects is not None and len(defects) != len(labels):
+        raise ValueError(f"need one defect name per image: {len(defects)} names for {len(labels)} images")
+    worst_normal, worst_anomalous = failure_cases(labels, scores, n)
+    cases = [(int(i), "false positive", k + 1) for k, i in enumerate(worst_normal)]
+    cases += [(int(i), "false negative", k + 1) for k, i in enumerate(worst_anomalous)]
+    chosen = [i for i, _, _ in cases]
+    vmin, vmax = float(maps[chosen].min()), float(maps[chosen].max())
+    fig = Figure(figsize=(2.7 * len(cases) + 1, 8.2), layout="constrained")
+    fig.suptitle(title)
+    axes = fig.subplots(3, len(cases), squeeze=False)
+    for column, (i, kind, number) in enumerate(cases):
+        if kind == "false positive":  # ranked above anomalous images
+            relation, wrong, against = "above", scores[labels] < scores[i], "anomalous"
+        else:  # ranked below normal images
+            relation, wrong, against = "below", scores[~labels] > scores[i], "normal"
+        name = defects[i] if defects is not None else ("anomalous" if labels[i] else "normal")
+        verdict = "" if threshold is None else (", flagged" if scores[i] >= threshold else ", passed")
+        y, x = np.unravel_index(int(np.argmax(maps[i])), maps[i].shape)
+        image_ax, mask_ax, map_ax = axes[:, column]
+        image_ax.imshow(_image_01(images[i]), cmap="gray", vmin=0, vmax=1)
+        _image_axes(image_ax, f"{kind} {number}: image {i}\n{name}, score {scores[i]:.3g}{verdict}\n"
+                              f"{relation} {wrong.sum()} of {len(wrong)} {against}")
+        mask_ax.imshow(masks[i], cmap="gray", vmin=0, vmax=1)
+        _image_axes(mask_ax, f"ground truth ({int(masks[i].sum())} px)")
+        map_ax.imshow(_image_01(images[i]), cmap="gray", vmin=0, vmax=1)
+        heat = map_ax.imshow(maps[i], cmap="inferno", alpha=0.6, vmin=vmin, vmax=vmax)  # colour-blind safe
+        if masks[i].any():
+            map_ax.contour(masks[i].astype(np.float32), levels=[0.5], colors=_MASK_COLOUR, linewidths=1)
+        _image_axes(map_ax, "anomaly map")
+        for ax in (image_ax, map_ax):
+            ax.plot([x], [y], marker="x", markersize=10, markeredgewidth=2.5, color="white")
+            ax.plot([x], [y], marker="x", markersize=8, markeredgewidth=1.2, color="black")
+    fig.colorbar(heat, ax=axes[2, :].tolist(), label="anomaly score (one scale)", shrink=0.8)
+    axes[2, 0].legend(handles=[Line2D([], [], color=_MASK_COLOUR, label="ground truth"),
+                               Line2D([], [], color="black", marker="x", linestyle="", label="map maximum")],
+                      loc="upper left", bbox_to_anchor=(0, -0.05), fontsize=8)
     return fig
 
 
@@ -204,6 +272,20 @@ def _curve_axes(ax: Axes | None, name: str, x: list[float], y: list[float]) -> A
     ax.set_xlim(0, x[-1])
     ax.set_ylim(0, 1.02)
     return ax
+
+
+def _gallery_inputs(
+    images: ArrayLike, maps: ArrayLike, masks: ArrayLike, scores: ArrayLike, labels: ArrayLike
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Arrays of a grid of test images, checked: images (N, H, W[, 3]), maps and masks (N, H, W), N scores and labels."""
+    images, maps, masks = np.asarray(images), np.asarray(maps), np.asarray(masks)
+    labels, scores = image_level_inputs(labels, scores, both_classes=False)
+    if maps.ndim != 3 or masks.shape != maps.shape or images.shape[:3] != maps.shape or len(labels) != len(maps):
+        raise ValueError(
+            f"need images (N, H, W[, 3]), maps and masks (N, H, W), N scores and labels; got images "
+            f"{images.shape}, maps {maps.shape}, masks {masks.shape}, {len(labels)} scores and labels"
+        )
+    return images, maps, masks, scores, labels
 
 
 def _pick_examples(labels: np.ndarray, n: int) -> np.ndarray:

@@ -64,6 +64,17 @@ def test_distances_equal_brute_force(tiny, k):
     assert torch.allclose(anomaly, anomaly_maps(maps, (64, 64), sigma=4.0))
 
 
+def test_k_beyond_the_training_set_averages_over_every_image(tiny):
+    spade, train, test = tiny  # 5 training images
+    capped = Spade(spade.config, k=50).fit(train, progress=False)
+    every = Spade(spade.config, k=len(train)).fit(train, progress=False)
+    (scores, maps, neighbours), (expected_scores, expected_maps, _) = capped.distances(test), every.distances(test)
+    assert neighbours.shape == (2, len(train))  # K' = min(K, N) neighbours
+    assert torch.equal(scores, expected_scores) and torch.equal(maps, expected_maps)
+    brute_scores, _ = _brute_force(every, train, test, len(train))
+    assert torch.allclose(scores, brute_scores, rtol=1e-4)  # the mean over K' = N, not over K
+
+
 def test_euclidean_option_is_the_root_for_k1(tiny):
     spade, train, test = tiny
     squared = Spade(spade.config, k=1).fit(train, progress=False)

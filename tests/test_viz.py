@@ -74,6 +74,46 @@ def test_plot_examples_indices_and_shapes():
         viz.plot_examples(IMAGES, MAPS, MASKS, SCORES[:4], LABELS)
 
 
+def test_failure_cases_rank_the_worst_of_each_class_first():
+    # Normal images 2, 3, 4 score 0.5, 0.1, 0.2; anomalous 0, 1 score 0.9, 0.4.
+    normal, anomalous = viz.failure_cases(LABELS, SCORES, n=2)
+    assert normal.tolist() == [2, 4] and anomalous.tolist() == [1, 0]
+    normal, anomalous = viz.failure_cases(LABELS, SCORES, n=10)  # capped at each class's size
+    assert normal.tolist() == [2, 4, 3] and anomalous.tolist() == [1, 0]
+    normal, _ = viz.failure_cases([0, 0, 0, 1], [0.3, 0.7, 0.7, 0.1], n=2)
+    assert normal.tolist() == [1, 2]  # a tie keeps dataset order
+    with pytest.raises(ValueError, match="at least 1"):
+        viz.failure_cases(LABELS, SCORES, n=0)
+
+
+def test_plot_failures_columns_titles_and_marks():
+    fig = viz.plot_failures(IMAGES, MAPS, MASKS, SCORES, LABELS, n=1, threshold=0.45,
+                            defects=["hole", "crack", "good", "good", "good"], title="gallery")
+    assert fig.get_suptitle() == "gallery"
+    image_axes = [ax for ax in fig.axes if ax.get_title()]
+    assert len(image_axes) == 6  # two cases (one of each kind) x image, ground truth, map
+    tops = [ax.get_title() for ax in image_axes[:2]]
+    # Image 2 (normal, 0.5) outranks anomalous image 1 (0.4); image 1 falls below normal image 2.
+    assert tops[0] == "false positive 1: image 2\ngood, score 0.5, flagged\nabove 1 of 2 anomalous"
+    assert tops[1] == "false negative 1: image 1\ncrack, score 0.4, passed\nbelow 1 of 3 normal"
+    for ax, i in zip(image_axes[:2], (2, 1)):  # a cross on the map's maximum
+        y, x = np.unravel_index(MAPS[i].argmax(), MAPS[i].shape)
+        assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines] == [(x, y), (x, y)]
+    map_axes = image_axes[4:]
+    assert {ax.images[1].get_clim() for ax in map_axes} == {(float(MAPS[[2, 1]].min()), float(MAPS[[2, 1]].max()))}
+    assert not map_axes[0].collections and map_axes[1].collections  # only the defect is outlined
+    assert [t.get_text() for t in map_axes[0].get_legend().get_texts()] == ["ground truth", "map maximum"]
+
+
+def test_plot_failures_checks_inputs():
+    with pytest.raises(ValueError, match="maps"):
+        viz.plot_failures(IMAGES, MAPS[:, :8], MASKS, SCORES, LABELS)
+    with pytest.raises(ValueError, match="one defect name per image"):
+        viz.plot_failures(IMAGES, MAPS, MASKS, SCORES, LABELS, defects=["hole"])
+    with pytest.raises(ValueError, match="at least 1"):
+        viz.plot_failures(IMAGES, MAPS, MASKS, SCORES, LABELS, n=0)
+
+
 def test_plot_roc_compares_models_on_one_axes():
     fig = viz.plot_roc(LABELS, SCORES, label="patchcore")
     ax = fig.axes[0]
