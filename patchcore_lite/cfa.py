@@ -15,6 +15,10 @@ abnormal patch, which no training pushed there, ends up far away.
 * Memory bank C: the mean of phi(p_t) over the training images, one vector per grid position,
   computed once with the untrained phi. Its size is h * w, whatever the number of training images
   ("scalable memory bank"); K-means with h * w // gamma_c clusters compresses it further. Frozen.
+  This is the official code's bank. The paper's Algorithm 1 builds it differently: K-means of one
+  image's phi(p_t), then an exponential moving average (EMA, weight beta) over the training
+  images of each memory vector's nearest not-yet-taken patch: ``paper_memory_bank``,
+  ``CFAConfig(bank="kmeans_ema")``.
 * Loss (coupled hyperspheres): with ``D_t^k`` the squared distance of phi(p_t) to its k-th nearest
   memory vector (over the whole bank), the K nearest are attracted into the sphere of radius r and
   the next J ("hard negatives") repelled:
@@ -44,6 +48,9 @@ coarser stages         pooled, then upsampled       *unpooled* map upsampled    
 memory-bank mean       mean of batch means          same                        exact mean over all
                        (exact only with equal                                   images (float64)
                        batches: drop_last)
+memory bank            per-position mean (not the   same                        per-position mean;
+                       paper's Algorithm 1)                                     ``bank="kmeans_ema"``
+                                                                                = Algorithm 1
 model selection        best epoch *on the test      last epoch                  best epoch on a held-
                        set*, each metric apart                                  out split of training
                                                                                 normals + cut-paste
@@ -54,9 +61,12 @@ K-means                sklearn, 3000 iterations,    same                        
 =====================  ===========================  ==========================  ====================
 
 Note what r's start value implies: r^2 = 1e-10, so ``L_rep`` is zero until r^2 exceeds alpha
-(r > 0.32). With a learned r AdamW grows it by about ``lr`` per step while L_att is active, so
-repulsion can switch on after a few hundred steps at the earliest; with anomalib's fixed r it never
-does, and anomalib trains with L_att alone.
+(r > 0.32), and even then only for a hard negative closer than sqrt(r^2 - alpha). With a learned r
+AdamW grows it by at most about ``lr`` per step while L_att is active, so repulsion can switch on
+after a few hundred steps at the earliest, and only if the features' distances are that small
+(chapter 6 measures them: in its runs the hard negatives lie far outside that sphere and L_rep
+stays 0); with anomalib's fixed r it never does, and anomalib
+trains with L_att alone.
 
 Model selection never looks at the test set: ``val_fraction`` of the training normals are held
 out (seeded), each also gets ``val_anomalies`` cut-paste copies (Li et al., CVPR 2021: a
@@ -78,12 +88,13 @@ from tqdm.auto import tqdm
 
 from .datasets import Data, image_batches
 from .detector import BackboneDetector, check_detector_config, check_not_empty
-from .errors import DataError, check_int, check_real
+from .errors import DataError, check_choice, check_int, check_real
 from .metrics import evaluate
 from .patches import patch_features
 from .scoring import anomaly_maps
 
 PAPER_EPOCHS = 30
+BANKS = ("position_mean", "kmeans_ema")  # the official code's memory bank, the paper's Algorithm 1
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,8 @@ class CFAConfig:
     crop: int | None = 224
     gamma_d: int = 1  # descriptor output = D // gamma_d channels
     gamma_c: int = 1  # memory bank = h * w // gamma_c vectors (K-means when > 1)
+    bank: str = "position_mean"  # official per-position mean; "kmeans_ema": the paper's Algorithm 1
+    beta: float = 0.1  # EMA weight of Algorithm 1 (bank="kmeans_ema"); the book's choice, see paper_memory_bank
     k: int = 3  # K nearest memory vectors: attracted, and scored
     j: int = 3  # J hard negatives after them: repelled
     alpha: float = 0.1  # repulsion margin
@@ -116,6 +129,8 @@ class CFAConfig:
     def __post_init__(self) -> None:
         """Refuse any setting out of range with a ConfigError, before a backbone is built."""
         check_detector_config(self, self.layers)
+        check_choice("bank", self.bank, BANKS)
+        check_real("beta", self.beta, lambda v: 0 < v <= 1, "in (0, 1]")
         for name, minimum in (("gamma_d", 1), ("gamma_c", 1), ("k", 1), ("j", 0), ("epochs", 0)):
             check_int(name, getattr(self, name), minimum)
         for name, ok, valid in (("alpha", lambda v: v >= 0, ">= 0"), ("nu", lambda v: v > 0, "> 0"),
@@ -171,6 +186,59 @@ def compress_bank(bank: torch.Tensor, gamma_c: int, seed: int = 0) -> torch.Tens
         raise ValueError(f"gamma_c = {gamma_c} leaves no memory vectors of {len(bank)}")
     kmeans = KMeans(n_clusters=n_clusters, n_init=1, max_iter=3000, random_state=seed)
     return torch.from_numpy(kmeans.fit(bank.double().numpy()).cluster_centers_).to(bank.dtype)
+
+
+def greedy_nearest(bank: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """C_i^NN of Algorithm 1: for each memory vector j in order, the index of its nearest candidate not yet taken.
+
+    bank (M, D), candidates (T, D) with M <= T; returns M distinct indices into ``candidates``.
+    Each row's few nearest candidates are sorted once; a row looks further (a full scan of the
+    free candidates) only when all of those are taken. Exact ties may be broken either way.
+    """
+    m, t = len(bank), len(candidates)
+    if m > t:
+        raise ValueError(f"{m} memory vectors need at least as many candidates, got {t}")
+    dist = (bank**2).sum(1)[:, None] + (candidates**2).sum(1)[None, :] - 2 * bank @ candidates.T
+    near = np.argpartition(dist, min(few := 16, t) - 1, axis=1)[:, :few]
+    near = np.take_along_axis(near, np.argsort(np.take_along_axis(dist, near, 1), axis=1, kind="stable"), 1)
+    free = np.ones(t, dtype=bool)
+    taken = np.empty(m, dtype=np.int64)
+    for j in range(m):
+        choice = next((int(c) for c in near[j] if free[c]), None)
+        if choice is None:  # all of row j's nearest are taken: scan what is left
+            choice = int(np.argmin(np.where(free, dist[j], np.inf)))
+        taken[j] = choice
+        free[choice] = False  # y leaves Y: no later memory vector may take it
+    return taken
+
+
+def paper_memory_bank(phi: torch.Tensor, n_vectors: int, beta: float = 0.1, seed: int = 0) -> torch.Tensor:
+    """CFA's memory bank as the paper's Algorithm 1 builds it, from descriptors ``phi`` (N, T, D') -> (n_vectors, D').
+
+    C_0 = K-means (n_vectors clusters) of the first image's T vectors phi(p_t) (n_vectors = T: the
+    vectors themselves, K-means with one cluster per point). Then for each image i = 1..N in order:
+    every memory vector j, in order, takes the nearest of image i's vectors not yet taken
+    (``greedy_nearest``: C_i^NN), and C_i = (1 - beta) C_{i-1} + beta C_i^NN. Returns C_N.
+
+    Unlike the official per-position mean, nothing ties a memory vector to a grid position, and
+    with a constant beta the last images weigh most (image i's weight is beta (1 - beta)^(N - i)).
+    The paper names beta but the book found no value for it: 0.1 is this package's choice.
+    """
+    check_real("beta", beta, lambda v: 0 < v <= 1, "in (0, 1]")
+    if phi.ndim != 3 or len(phi) == 0:
+        raise ValueError(f"phi must be (N, T, D) with N >= 1 images, got shape {tuple(phi.shape)}")
+    if not 1 <= n_vectors <= phi.shape[1]:
+        raise ValueError(f"n_vectors = {n_vectors}: must be in 1 .. {phi.shape[1]} (the vectors of one image)")
+    feats = phi.detach().double().cpu().numpy()
+    bank = feats[0].copy()
+    if n_vectors < len(bank):
+        from sklearn.cluster import KMeans
+
+        kmeans = KMeans(n_clusters=n_vectors, n_init=1, max_iter=3000, random_state=seed)
+        bank = kmeans.fit(bank).cluster_centers_
+    for image in feats:
+        bank = (1 - beta) * bank + beta * image[greedy_nearest(bank, image)]
+    return torch.from_numpy(bank).to(phi.dtype)
 
 
 # ----------------------------------------------------------------------------- loss and score
@@ -335,10 +403,16 @@ class CFA(BackboneDetector[CFAConfig]):
 
     @torch.no_grad()
     def _build_bank(self, feats: torch.Tensor) -> torch.Tensor:
-        """C: mean of phi(p_t) over the training images per position (float64 sum), then K-means."""
-        total = sum(self.descriptor(f).double().sum(dim=0) for f in feats.split(self.config.batch_size))
+        """C: mean of phi(p_t) over the training images per position (float64 sum), then K-means;
+        or, with ``bank="kmeans_ema"``, the paper's Algorithm 1 (``paper_memory_bank``)."""
+        c = self.config
+        if c.bank == "kmeans_ema":
+            phi = torch.cat([self.descriptor(f).flatten(1, 2) for f in feats.split(c.batch_size)])
+            n_vectors = max(1, phi.shape[1] // c.gamma_c)
+            return paper_memory_bank(phi.cpu(), n_vectors, c.beta, c.seed).to(self.device)
+        total = sum(self.descriptor(f).double().sum(dim=0) for f in feats.split(c.batch_size))
         bank = (total / len(feats)).float().flatten(0, 1)  # (h * w, D')
-        return compress_bank(bank.cpu(), self.config.gamma_c, self.config.seed).to(self.device)
+        return compress_bank(bank.cpu(), c.gamma_c, c.seed).to(self.device)
 
     def _validation_set(self, data: Data, progress: bool) -> dict[str, torch.Tensor]:
         """Held-out normals and their cut-paste copies: features, labels and masks."""

@@ -3,7 +3,9 @@
 ``hypersphere_toy`` moves 2-D points by gradient descent on CFA's own loss (``cfa.cfa_loss`` on
 ``cfa.nearest_squared``): each point is pulled into the sphere of radius r around its K nearest
 memory vectors and pushed out of the smaller sphere around the next J. ``hypersphere_view``
-draws one step of such a run.
+draws one step of such a run; ``hypersphere_radius_view`` runs the toy at one radius r and draws
+its start and end (the chapter's flipbook over r); ``inside_repulsion`` counts the points that
+sit inside a hard negative's repulsion sphere (what L_rep would push).
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ def hypersphere_toy(
     return ToyRun(memory, torch.stack(path), atts, reps, radius, alpha, k, j)
 
 
+def inside_repulsion(points: torch.Tensor, memory: torch.Tensor, radius: float, alpha: float, k: int = 1,
+                     j: int = 1) -> int:
+    """How many points have one of their hard negatives (the (K+1)-th .. (K+J)-th nearest memory
+    vectors) closer than sqrt(r^2 - alpha): the points L_rep acts on (none while r^2 <= alpha)."""
+    if j == 0 or radius**2 <= alpha:
+        return 0
+    hard = nearest_squared(points, memory, k + j)[:, k:]
+    return int((hard < radius**2 - alpha).any(dim=1).sum())
+
+
 def hypersphere_view(run: ToyRun, step: int, ax: Any = None) -> tuple[Any, dict[str, float]]:
     """Draw ``run`` at ``step`` (spheres, paths so far, points coloured by the loss term acting on
     them); return the figure and its numbers, as the book's slider callbacks (``widgets``) do."""
@@ -92,3 +104,23 @@ def hypersphere_view(run: ToyRun, step: int, ax: Any = None) -> tuple[Any, dict[
     numbers = {"step": step, "l_att": run.l_att[step], "l_rep": run.l_rep[step],
                "pulled": int(pulled.sum()), "pushed": int(pushed.sum())}
     return ax.figure, numbers
+
+
+def hypersphere_radius_view(radius: float, alpha: float = 0.1, steps: int = 40, **toy: Any) -> tuple[Any, dict[str, float]]:
+    """Run ``hypersphere_toy`` at radius r and draw its first and last step side by side.
+
+    Returns the figure and the run's numbers: r^2 - alpha, the largest L_rep over the run, the
+    points L_rep acts on at the start, and L_att and L_rep at the end.
+    """
+    from matplotlib.figure import Figure
+
+    run = hypersphere_toy(steps=steps, radius=radius, alpha=alpha, **toy)
+    fig = Figure(figsize=(10.4, 6.6), layout="constrained")
+    for ax, step in zip(fig.subplots(1, 2), (0, steps)):
+        hypersphere_view(run, step, ax=ax)
+    inner = "no repulsion sphere (r² ≤ α)" if radius**2 <= alpha else f"repulsion sphere √(r² - α) = {math.sqrt(radius**2 - alpha):.2f}"
+    fig.suptitle(f"r = {radius:.2f}, α = {alpha:.2f}: {inner}; largest L_rep over the run = {max(run.l_rep):.4f}")
+    numbers = {"radius": radius, "r2_minus_alpha": radius**2 - alpha, "max_l_rep": max(run.l_rep),
+               "pushed_at_start": inside_repulsion(run.path[0], run.memory, radius, alpha, run.k, run.j),
+               "l_att_end": run.l_att[-1], "l_rep_end": run.l_rep[-1]}
+    return fig, numbers

@@ -63,6 +63,26 @@ def test_config_executes_every_chapter_and_fails_on_errors():
     assert required <= set(CONFIG["exclude_patterns"])
 
 
+def test_config_links_the_repository_and_launches_chapters_live():
+    """Jupyter Book 1.x's repository button and launch buttons (sphinx-book-theme), on one address."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    repository = CONFIG["repository"]
+    assert repository["url"] == project["urls"]["Repository"], "_config.yml and pyproject.toml name one repository"
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", repository["url"]), "Binder and Colab links need GitHub"
+    assert repository["branch"] and repository["path_to_book"] == "", "the book's root is the repository's root"
+    assert (REPO / repository["path_to_book"] / "_config.yml").is_file()
+    assert CONFIG["html"]["use_repository_button"] is True
+    launch = CONFIG["launch_buttons"]
+    assert launch["binderhub_url"] == "https://mybinder.org"
+    assert launch["colab_url"] == "https://colab.research.google.com"
+    assert "jupyterhub_url" in launch, "name the JupyterHub key (empty until a hub is chosen)"
+    assert launch["notebook_interface"] in ("classic", "jupyterlab")  # anything else stops the build
+    assert launch.get("thebe", False) is False, "thebe without the sphinx_thebe extension warns (fails -W)"
+    assert (REPO / "requirements.txt").is_file(), "Binder builds the environment from requirements.txt"
+
+
 def test_config_serves_mathjax_and_widget_scripts_from_the_site():
     sphinx = CONFIG["sphinx"]["config"]
     static = [REPO / folder for folder in sphinx["html_static_path"]]

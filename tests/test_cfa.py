@@ -11,13 +11,15 @@ from patchcore_lite.cfa import (
     cfa_loss,
     coordinate_channels,
     cut_paste,
+    greedy_nearest,
     nearest_squared,
+    paper_memory_bank,
     softmin_score,
     split_indices,
 )
 from patchcore_lite.datasets import train_test_samples
 from patchcore_lite.errors import ConfigError, DataError
-from patchcore_lite.hypersphere import hypersphere_toy, hypersphere_view
+from patchcore_lite.hypersphere import hypersphere_radius_view, hypersphere_toy, hypersphere_view, inside_repulsion
 from patchcore_lite.pipeline import evaluate, fit_evaluate
 
 
@@ -103,6 +105,72 @@ def test_memory_bank_is_the_mean_per_position_whatever_the_number_of_images():
     assert doubled.memory_bytes == model.memory_bytes
 
 
+def _greedy_by_hand(bank: np.ndarray, candidates: np.ndarray) -> list[int]:
+    """Algorithm 1's inner loop, literally: memory vector j takes argmin over Y = candidates not yet taken."""
+    taken: list[int] = []
+    for c in bank:
+        free = [t for t in range(len(candidates)) if t not in taken]
+        taken.append(min(free, key=lambda t: float(((candidates[t] - c) ** 2).sum())))
+    return taken
+
+
+def test_greedy_nearest_takes_each_candidate_once_in_memory_order():
+    # Both memory vectors are nearest to candidate 0; the first takes it, the second gets its next best.
+    bank = np.array([[0.0], [0.4]])
+    candidates = np.array([[0.1], [1.0], [-0.5]])
+    assert greedy_nearest(bank, candidates).tolist() == [0, 1]
+    rng = np.random.default_rng(0)
+    for m, t, d in ((20, 20, 3), (40, 60, 2), (200, 200, 4)):  # 200 x 200: rows run out of their 16 nearest
+        b, c = rng.normal(size=(m, d)), rng.normal(size=(t, d))
+        assert greedy_nearest(b, c).tolist() == _greedy_by_hand(b, c)
+    with pytest.raises(ValueError, match="at least as many"):
+        greedy_nearest(np.zeros((3, 2)), np.zeros((2, 2)))
+
+
+def test_paper_memory_bank_is_an_ema_of_matched_vectors_by_hand():
+    # 1-D, two vectors an image. C_0 = image 0; image 0 matches itself (no change);
+    # image 1: 0 -> 1 and 10 -> 11, so with beta = 0.5 the bank is [0.5, 10.5].
+    phi = torch.tensor([[[0.0], [10.0]], [[1.0], [11.0]]])
+    assert paper_memory_bank(phi, 2, beta=0.5).flatten().tolist() == pytest.approx([0.5, 10.5])
+    # beta = 1: the bank is the last image's matched vectors, here in swapped order of the grid.
+    swapped = torch.tensor([[[0.0], [10.0]], [[11.0], [1.0]]])
+    assert paper_memory_bank(swapped, 2, beta=1.0).flatten().tolist() == pytest.approx([1.0, 11.0])
+
+
+def test_paper_memory_bank_depends_on_image_order_unlike_the_position_mean():
+    gen = torch.Generator().manual_seed(0)
+    phi = torch.randn(5, 12, 3, generator=gen)
+    bank = paper_memory_bank(phi, 12, beta=0.3)
+    assert bank.shape == (12, 3) and bank.dtype == phi.dtype
+    reordered = paper_memory_bank(phi.flip(0), 12, beta=0.3)
+    assert not torch.allclose(bank, reordered)
+    assert torch.allclose(phi.mean(0), phi.flip(0).mean(0))  # the official bank ignores the order
+    # identical images: C_0 is that image and every EMA step keeps it (the fixed point)
+    same = phi[:1].expand(4, -1, -1)
+    assert torch.allclose(paper_memory_bank(same, 12, beta=0.5), phi[0], atol=1e-6)
+    # fewer vectors: K-means of the first image, deterministic for a seed
+    small = [paper_memory_bank(phi, 4, beta=0.3, seed=1) for _ in range(2)]
+    assert small[0].shape == (4, 3) and torch.equal(small[0], small[1])
+    with pytest.raises(ValueError, match="n_vectors = 13"):
+        paper_memory_bank(phi, 13)
+    with pytest.raises(ConfigError, match="beta"):
+        paper_memory_bank(phi, 12, beta=0.0)
+
+
+def test_cfa_with_the_papers_bank():
+    images = _images(4)
+    model = _tiny(bank="kmeans_ema", gamma_c=4, gamma_d=2, beta=0.5).fit(images, progress=False)
+    assert model.memory_bank.shape == (16 * 16 // 4, 176 // 2)
+    again = _tiny(bank="kmeans_ema", gamma_c=4, gamma_d=2, beta=0.5).fit(images, progress=False)
+    assert torch.equal(model.memory_bank, again.memory_bank)
+    official = _tiny(gamma_c=4, gamma_d=2).fit(images, progress=False)
+    assert not torch.allclose(model.memory_bank, official.memory_bank)
+    with pytest.raises(ConfigError, match="bank = 'paper'"):
+        CFAConfig(bank="paper")
+    with pytest.raises(ConfigError, match="beta"):
+        CFAConfig(beta=1.5)
+
+
 def test_wide_resnet_features_have_the_papers_1792_channels():
     model = _tiny(backbone="wide_resnet50_2").fit(_images(2), progress=False)  # random weights: offline
     assert model.memory_bank.shape == (16 * 16, 256 + 512 + 1024)
@@ -176,6 +244,19 @@ def test_toy_attraction_empties_the_loss():
     _, start = hypersphere_view(run, 0)
     _, end = hypersphere_view(run, 40)
     assert start["pulled"] > 0 and start["pushed"] > 0 and end["pulled"] == end["pushed"] == 0
+
+
+def test_toy_repulsion_needs_r_squared_above_alpha_and_sorts_ambiguous_points():
+    _, small = hypersphere_radius_view(0.3)  # r^2 < alpha: no repulsion sphere
+    assert small["max_l_rep"] == 0 and small["pushed_at_start"] == 0 and small["r2_minus_alpha"] < 0
+    _, large = hypersphere_radius_view(0.6)
+    assert large["max_l_rep"] > 0 and large["pushed_at_start"] > 0 and large["l_rep_end"] < 1e-3
+    # ablation: attraction alone leaves points inside a second vector's repulsion sphere; with L_rep none
+    att_only, both = hypersphere_toy(steps=40, j=0), hypersphere_toy(steps=40, j=1)
+    assert max(att_only.l_rep) == 0
+    assert inside_repulsion(att_only.path[-1], att_only.memory, 0.6, 0.1) > 0
+    assert inside_repulsion(both.path[-1], both.memory, 0.6, 0.1) == 0
+    assert inside_repulsion(both.path[0], both.memory, 0.3, 0.1) == 0  # no sphere while r^2 <= alpha
 
 
 def test_synthetic_category_end_to_end(synthetic_root):
