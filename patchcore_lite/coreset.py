@@ -106,14 +106,28 @@ def coreset_radius(projected: Tensor, indices: Tensor) -> float:
     The last value of ``coverage_curve``, computed directly: float64, in chunks of at most
     2^22 distances (no N x N matrix).
     """
+    return worst_covered(projected, indices)[1]
+
+
+def worst_covered(projected: Tensor, indices: Tensor) -> tuple[int, float]:
+    """The bank element farthest from the coreset, and its distance (the coverage radius).
+
+    ``argmax_m min_{n in coreset} ||m - n||_2`` and that maximum: the point Algorithm 1
+    picks next (with the single start, up to float rounding of near-ties); the lowest index wins
+    a tie. Float64, in chunks of at most 2^22 distances (no N x N matrix).
+    """
     _check_features(projected)
     sel = projected[indices].double()
     if len(sel) == 0:
         raise ValueError("the coreset is empty")
-    radius = 0.0
+    worst, radius, offset = 0, -1.0, 0
     for chunk in projected.split(max(1, 2**22 // len(sel))):
-        radius = max(radius, torch.cdist(chunk.double(), sel).amin(dim=1).max().item())
-    return radius
+        nearest = torch.cdist(chunk.double(), sel).amin(dim=1)
+        j = int(torch.argmax(nearest))
+        if nearest[j].item() > radius:
+            worst, radius = offset + j, nearest[j].item()
+        offset += len(chunk)
+    return worst, radius
 
 
 def coverage_curve(points: Tensor, order: Tensor, block: int = 256) -> np.ndarray:

@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Circle
 
+from .coreset import worst_covered
 from .metrics import METRIC_LABELS
-from .scoring import anomaly_maps
+from .scoring import anomaly_maps, ranking_changes
 from .viz import overlay, plot_roc, png_bytes
 
 View = Callable[..., tuple[Figure, dict[str, Any]]]
@@ -163,6 +165,87 @@ def coreset_grid(results: Mapping[str, Any], ratios: Sequence[float]) -> Figure:
         _draw_bank(ax, results, r)
     fig.suptitle("Which training patches the greedy coreset keeps")
     return fig
+
+
+def greedy_steps_view(points: torch.Tensor, orders: Mapping[str, torch.Tensor], k: int) -> tuple[Figure, dict[str, Any]]:
+    """Chapter 3's step-by-step figure: the first ``k`` picks of each pick order, one panel each.
+
+    ``points`` (N, 2) is the bank, ``orders`` maps a name ("greedy", "random") to a pick order of
+    more than ``k`` indices. Each panel shows the picks so far, the pick ``k + 1`` (a star), and the
+    worst-covered point (Algorithm 1's objective, ``coreset.worst_covered``) with a dashed circle of
+    the coverage radius r_k around it, which reaches its nearest pick. Numbers per name:
+    ``radius_<name>``, ``next_<name>`` and ``worst_<name>`` (indices into ``points``).
+    """
+    short = [name for name, order in orders.items() if not 1 <= k < len(order)]
+    if short:
+        raise ValueError(f"k must be >= 1 and below each order's length (the next pick is drawn); k={k}, {short}")
+    fig = Figure(figsize=(5.6 * len(orders), 5.2), layout="constrained")
+    xy = points.numpy()
+    numbers: dict[str, Any] = {"k": k}
+    for ax, (name, order) in zip(fig.subplots(1, len(orders), sharex=True, sharey=True, squeeze=False)[0], orders.items()):
+        picks, upcoming = order[:k], int(order[k])
+        worst, radius = worst_covered(points, picks)
+        nearest = int(picks[torch.cdist(points[[worst]].double(), points[picks].double()).argmin()])
+        ax.scatter(*xy.T, s=4, c="lightgrey", label=f"bank ({len(xy)} points)")
+        ax.scatter(*xy[picks.numpy()].T, s=28, c="tab:blue", label=f"{k} picks so far")
+        ax.scatter(*xy[upcoming], s=260, marker="*", c="tab:orange", edgecolors="black", zorder=3,
+                   label=f"pick {k + 1}")
+        ax.add_patch(Circle(xy[worst], radius, fill=False, linestyle="--", color="black"))
+        ax.plot(*xy[[worst, nearest]].T, color="black", linewidth=1, label=f"coverage radius r = {radius:.2f}")
+        ax.scatter(*xy[worst], s=60, facecolors="none", edgecolors="black", linewidths=1.5, label="worst-covered point")
+        ax.set(title=f"{name}: k = {k}, coverage radius {radius:.2f}", xlabel="feature 1", ylabel="feature 2",
+               aspect="equal")
+        ax.legend(loc="upper right", fontsize=8)
+        numbers.update({f"radius_{name}": radius, f"next_{name}": upcoming, f"worst_{name}": worst})
+    fig.suptitle(f"Step {k + 1}: which point each method picks next")
+    return fig, numbers
+
+
+def reweight_view(
+    weights: Mapping[int, np.ndarray], s_star: np.ndarray, labels: np.ndarray, picture: Mapping[str, Any], b: int
+) -> tuple[Figure, dict[str, Any]]:
+    """Chapter 4's eq. 7 figure: what the neighbourhood size b does to the weights and image scores.
+
+    ``weights[b]`` (B,) are eq. 7's weights ``s / s*`` of every test image at that b, ``s_star`` (B,)
+    the eq. 6 scores, ``labels`` (B,). ``picture`` holds one test image's ``image``, ``map``,
+    ``mask`` and its position ``index`` in the test set. Numbers: that image's ``weight`` and
+    ``score``, the weights' ``weight_min``/``weight_max``, and ``scoring.ranking_changes`` from
+    eq. 6 to eq. 7 at this b (Kendall tau, flipped pairs, AUROC before and after).
+    """
+    if b not in weights:
+        raise ValueError(f"no precomputed weights for b={b}; choose one of {sorted(weights)}")
+    bs, w, labels = sorted(weights), np.asarray(weights[b]), np.asarray(labels)
+    i = picture["index"]
+    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    image_ax, weight_ax, score_ax = fig.subplots(1, 3)
+    overlay(picture["image"], picture["map"], picture["mask"], ax=image_ax,
+            title=f"test image {i}: s* = {s_star[i]:.2f}, weight {w[i]:.4f}")
+    for j in range(len(labels)):
+        anomalous = bool(labels[j])
+        weight_ax.plot(bs, [weights[c][j] for c in bs], marker="o", markersize=3, alpha=0.9 if j == i else 0.5,
+                       linewidth=2.5 if j == i else 1, linestyle="-" if anomalous else "--",
+                       color="tab:orange" if anomalous else "tab:blue")
+    weight_ax.plot(bs, [1 - 1 / c for c in bs], "k:", label="lower bound 1 - 1/b")
+    weight_ax.axvline(b, color="grey", linestyle="--", label=f"b = {b}")
+    weight_ax.plot([], [], color="tab:orange", label="anomalous test images")
+    weight_ax.plot([], [], color="tab:blue", linestyle="--", label="normal test images")
+    weight_ax.set(xscale="log", xlabel="b (neighbours of m* in eq. 7)", ylabel="weight s / s*",
+                  title="Eq. 7's weight of every test image")
+    weight_ax.set_xticks(bs, [str(c) for c in bs], minor=False)
+    weight_ax.minorticks_off()
+    weight_ax.legend(fontsize=8, loc="lower right")
+    s = w * s_star
+    for value, name, colour in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:orange")):
+        score_ax.scatter(s_star[labels == value], s[labels == value], s=22, c=colour, label=name)
+    line = np.array([min(s.min(), s_star.min()), s_star.max()])
+    score_ax.plot(line, line, "k--", linewidth=1, label="s = s* (weight 1)")
+    change = ranking_changes(s_star, s, labels)
+    score_ax.set(xlabel="s* (eq. 6)", ylabel=f"s (eq. 7, b = {b})",
+                 title=f"Image scores: AUROC {change['auroc_before']:.3f} (eq. 6), {change['auroc_after']:.3f} (eq. 7)")
+    score_ax.legend(fontsize=8)
+    fig.suptitle(f"Reweighting (eq. 7) with the b = {b} nearest bank patches of m*")
+    return fig, {"b": b, "weight": float(w[i]), "score": float(s[i]), "weight_min": float(w.min()),
+                 "weight_max": float(w.max()), **change}
 
 
 

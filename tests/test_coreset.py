@@ -17,6 +17,7 @@ from patchcore_lite.coreset import (
     random_coreset,
     random_projection,
     select_coreset,
+    worst_covered,
 )
 from patchcore_lite.synthetic import toy_point_cloud
 
@@ -158,6 +159,25 @@ def test_coreset_radius_brute_force():
     x = torch.randn(50, 3, generator=_gen(2))
     sel = torch.tensor([0, 7, 9])
     assert coreset_radius(x, sel) == pytest.approx(torch.cdist(x.double(), x[sel].double()).amin(1).max().item())
+
+
+def test_worst_covered_is_the_farthest_point_and_the_next_greedy_pick():
+    # Analytic: picks at 0 and 10 on a line; 4 is 4 from its nearest pick, 7 is 3, 13 is 3.
+    line = torch.tensor([[0.0], [4.0], [7.0], [10.0], [13.0]])
+    assert worst_covered(line, torch.tensor([0, 3])) == (1, pytest.approx(4.0))
+    assert worst_covered(torch.tensor([[0.0], [2.0], [-2.0]]), torch.tensor([0])) == (1, 2.0)  # tie: lowest index
+    # Chunked like coreset_radius (a chunk per 2^22 / k rows): the same point when it lies in a later chunk.
+    many = torch.zeros(2**21 + 3, 1)
+    many[-2] = 5.0
+    assert worst_covered(many, torch.arange(2)) == (2**21 + 1, 5.0)
+    # Single start: Algorithm 1 picks the worst-covered point at every step, at the coverage radius.
+    points = toy_point_cloud(300, seed=1)
+    order = greedy_coreset(points, 25, start="single", seed=1)
+    for k in (1, 2, 10, 24):
+        worst, radius = worst_covered(points, order[:k])
+        assert worst == order[k] and radius == pytest.approx(coreset_radius(points, order[:k]))
+    with pytest.raises(ValueError, match="empty"):
+        worst_covered(points, torch.tensor([], dtype=torch.long))
 
 
 

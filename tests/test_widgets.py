@@ -124,3 +124,43 @@ def test_blur_view_spreads_a_lone_peak():
     peaks = [n["max"] for n in numbers]
     assert peaks == sorted(peaks, reverse=True) and peaks[-1] < peaks[0] / 4  # the blur lowers a lone outlier
     assert all(n["defect_above_median"] == 1.0 for n in numbers)  # and still marks where it was
+
+
+def test_greedy_steps_view_marks_the_next_pick_and_the_worst_covered_point():
+    # Points on a line: picks at 0 and 10, so 4 (4 from 0) is worst covered; greedy picks it next.
+    points = torch.tensor([[0.0, 0.0], [4.0, 0.0], [7.0, 0.0], [10.0, 0.0], [13.0, 0.0]])
+    orders = {"greedy": torch.tensor([0, 3, 1, 4]), "random": torch.tensor([0, 3, 4, 2])}
+    fig, numbers = widgets.greedy_steps_view(points, orders, 2)
+    assert numbers == {"k": 2, "radius_greedy": pytest.approx(4.0), "next_greedy": 1, "worst_greedy": 1,
+                       "radius_random": pytest.approx(4.0), "next_random": 4, "worst_random": 1}
+    assert titles(fig) == ["greedy: k = 2, coverage radius 4.00", "random: k = 2, coverage radius 4.00"]
+    later = widgets.greedy_steps_view(points, orders, 3)[1]
+    assert later["radius_greedy"] == pytest.approx(3.0) and later["radius_random"] == pytest.approx(4.0)
+    for k in (0, 4):  # no pick yet, or no next pick to draw
+        with pytest.raises(ValueError, match="k must be"):
+            widgets.greedy_steps_view(points, orders, k)
+
+
+def _reweight_inputs() -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray, dict]:
+    s_star = np.array([1.0, 2.0, 3.0, 3.1])
+    labels = np.array([0, 0, 1, 1])
+    # b = 2 lowers the second anomalous image (3.1 -> 0.93) below the second normal one (2 -> 1).
+    weights = {2: np.array([0.6, 0.5, 0.99, 0.3]), 9: np.ones(4)}
+    picture = {"index": 2, "image": np.zeros((16, 16, 3)), "map": np.random.default_rng(0).random((16, 16)),
+               "mask": np.zeros((16, 16), dtype=bool)}
+    return weights, s_star, labels, picture
+
+
+def test_reweight_view_returns_the_image_weight_and_the_ranking_changes():
+    weights, s_star, labels, picture = _reweight_inputs()
+    _, same = widgets.reweight_view(weights, s_star, labels, picture, 9)
+    assert same["weight"] == 1.0 and same["score"] == 3.0 and same["flipped_pairs"] == 0
+    assert same["auroc_before"] == same["auroc_after"] == 1.0
+    fig, low = widgets.reweight_view(weights, s_star, labels, picture, 2)
+    assert (low["weight"], low["score"], low["weight_min"], low["weight_max"]) == pytest.approx((0.99, 2.97, 0.3, 0.99))
+    # Scores 0.6, 1.0, 2.97, 0.93: pairs (1, 3) (normal-anomalous) and (2, 3) flip; AUROC loses pair (1, 3).
+    assert low["flipped_pairs"] == 2 and low["flipped_normal_anomalous_pairs"] == 1
+    assert low["auroc_after"] == 0.75
+    assert "s (eq. 7, b = 2)" in [ax.get_ylabel() for ax in fig.axes]
+    with pytest.raises(ValueError, match="b=5"):
+        widgets.reweight_view(weights, s_star, labels, picture, 5)
