@@ -58,3 +58,20 @@ def test_round_2_combines_the_two_best_that_change_different_settings():
 def test_candidates_sharing_features_differ_only_in_scoring():
     assert study.family({"k": 3, "patch_size": 5}) == study.family({"patch_size": 5, "coreset_ratio": 0.25})
     assert study.family({"patch_size": 5}) != study.family({"patch_size": 3})
+
+
+def test_report_keeps_a_recorded_candidate_that_is_no_longer_one():
+    data = BASE + rows("old round 2", [0.96, 1.0, 0.875], [0.80, 0.95, 0.90], rnd=2)
+    text = study.report(data, SETS, {"default": {}})
+    assert "| 2* | old round 2 |" in text and "| 1 | default |" in text
+    assert "earlier, incomplete round 1" in text
+    plain = study.report(BASE, SETS, {"default": {}})
+    assert "| 1* |" not in plain and "incomplete" not in plain
+
+
+def test_input_protocols_of_the_study(synthetic_root):
+    category = next(p for p in sorted(synthetic_root.iterdir()) if p.is_dir())
+    whole = study.model_for(category, {"resolution": "whole"}).config
+    assert (whole.resize, whole.crop) == ((224, 224), None)  # MVTec: the whole image, nothing cropped
+    r = study.model_for(category, {"resolution": 320}).config
+    assert (r.resize, r.crop) == (366, 320)  # the paper's 256 -> 224 ratio kept
