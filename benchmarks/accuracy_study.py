@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from common import dataset_model, dataset_split
 from patchcore_lite.coreset import select_coreset
-from patchcore_lite.datasets import dataset_kind, image_batches
+from patchcore_lite.datasets import dataset_kind, image_batches, protocol
 from patchcore_lite.download import data_root, mvtec_category
 from patchcore_lite.experiments import evaluate_bank, split_features
 
@@ -55,7 +55,8 @@ MAX_IMAGE_AUROC_DROP = 0.005
 
 # The defaults when the rule was written: every candidate is this with its settings changed, so the
 # record stays reproducible after the package's defaults change.
-BASELINE = {"backbone": "efficientnet_lite0", "layers": ("layer2", "layer3"), "grid_layer": None, "patch_size": 3,
+BASELINE = {"backbone": "efficientnet_lite0", "layers": ("layer2", "layer3"), "grid_layer": None, "resolution": 224,
+            "patch_size": 3,
             "feature_mode": "avgpool", "coreset_ratio": 0.1, "coreset_method": "greedy", "k": 1,
             "reweight": True, "reweight_b": 9}
 # name -> settings changed from BASELINE. Candidates sharing features (a family) run together;
@@ -106,14 +107,10 @@ def model_for(root: Path, settings: dict):
     (MTD: the whole tile resized to R x R; MVTec: resized to R * 256 / 224, centre crop R), and ``"whole"``
     the whole MVTec image resized to 224 x 224 (the crop can cut off defects near the border)."""
     settings = {**BASELINE, **settings}
-    resolution = settings.pop("resolution", None)
-    if resolution == "whole":
-        settings.update({"resize": (224, 224), "crop": None})
-    elif resolution is not None:
-        mtd = dataset_kind(root) == "mtd"
-        settings.update({"resize": (resolution, resolution), "crop": None} if mtd else
-                        {"resize": round(resolution * 256 / 224), "crop": resolution})
-    return dataset_model(root, **settings)
+    resolution = settings.pop("resolution")
+    kind = "mtd" if resolution == "whole" else dataset_kind(root)
+    geometry = protocol(kind, 224 if resolution == "whole" else resolution)
+    return dataset_model(root, resize=geometry.resize, crop=geometry.crop, **settings)
 
 
 def family(settings: dict) -> tuple:
@@ -285,6 +282,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="rewrite RESULTS.md's section from the CSV, run nothing")
     parser.add_argument("--no-gate", action="store_true", help="accuracy rows only; the speed gates wait for a "
                         "later run on an otherwise idle machine (a busy machine would understate the speed)")
+    parser.add_argument("--gates-again", action="store_true", help="measure the gate twice more for every "
+                        "candidate with a recorded gate, printed only: how much this machine's timings wander")
     parser.add_argument("--only", nargs="+", metavar="NAME", choices=ROUND_1,
                         help="only these round-1 candidates (to split a run across processes); no round 2")
     args = parser.parse_args()
@@ -294,6 +293,9 @@ def main() -> None:
         return
     sets = development_sets()
     names = list(sets)
+    if args.gates_again:
+        gates_again(summary(read_rows(args.csv), names), sets["magnetic_tile"])
+        return
     if not args.report:
         run_round(1, {n: ROUND_1[n] for n in args.only or ROUND_1}, sets, args.csv, gate=not args.no_gate)
         if not (args.no_gate or args.only):  # round 2 needs round 1's gates to know which candidates pass
@@ -321,6 +323,16 @@ def run_round(number: int, candidates: dict[str, dict], sets: dict[str, Path], p
             speed_gate(name, candidates[name], sets, path)
     for name in candidates if gate else ():  # gates left by an earlier --no-gate run
         speed_gate(name, candidates[name], sets, path)
+
+
+def gates_again(done: dict[str, dict], mtd: Path, repeat: int = 2) -> None:
+    """Rule 3's measurement again for every candidate with a recorded gate, in alternating order; printed only."""
+    candidates = {**ROUND_1, **round_2(done, ROUND_1)}
+    gated = [n for n in candidates if n in done and done[n]["speed"] is not None]
+    for i in range(repeat):
+        for name in gated if i % 2 == 0 else reversed(gated):
+            print(f"{name:48s} {images_per_second(candidates[name], mtd):5.1f} images/s "
+                  f"(recorded {done[name]['speed']:.1f})", flush=True)
 
 
 def speed_gate(name: str, settings: dict, sets: dict[str, Path], path: Path) -> None:

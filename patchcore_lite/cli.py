@@ -20,6 +20,7 @@ import numpy as np
 from . import __version__
 from .coreset import METHODS
 from .datasets import (
+    INPUT_SIZE,
     MTD_PREPROCESS,
     MVTEC_PREPROCESS,
     Preprocess,
@@ -63,11 +64,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone", default=d.backbone, help="feature extractor (default: %(default)s)")
     g.add_argument("--weights", type=Path, help="backbone weights file (state dict) instead of the default source")
     g.add_argument("--layers", nargs="+", default=list(d.layers), help="stages to read (default: %(default)s)")
-    g.add_argument("--grid-layer", help="layer whose grid the patches use (default: "
-                   f"{d.grid_layer or 'the finest of --layers'}, if among --layers, else the finest)")
+    g.add_argument("--grid-layer", help="layer whose grid the patches use (default: the finest of --layers, eq. 3)")
     g.add_argument("--random-init", action="store_true", help="random backbone weights (tests only: poor results)")
-    g.add_argument("--resize", type=int, help="shorter side before cropping (default: 256; MTD: whole tile to 224x224)")
-    g.add_argument("--crop", type=int, help="center crop (default: 224; MTD: none)")
+    g.add_argument("--resize", type=int, help=f"shorter side before cropping (default: {MVTEC_PREPROCESS.resize}; "
+                   f"MTD: whole tile to {INPUT_SIZE}x{INPUT_SIZE}; the paper: 256)")
+    g.add_argument("--crop", type=int, help=f"center crop (default: {MVTEC_PREPROCESS.crop}; MTD: none; the paper: 224)")
     g.add_argument("--patch-size", type=int, default=d.patch_size, help="neighbourhood p of eq. 1 (default: %(default)s)")
     g.add_argument("--feature-mode", choices=MODES, default=d.feature_mode,
                    help="patch feature construction (default: %(default)s)")
@@ -95,19 +96,16 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
     ignored are refused: a run must do what its command line says."""
     mtd = root is not None and dataset_kind(root) == "mtd"
     if mtd and (args.resize is not None or args.crop is not None):
-        raise ConfigError(f"{root}: Magnetic Tile Defects tiles are resized whole to 224x224 (the paper's "
-                          "protocol), so --resize and --crop do not apply: drop them.")
+        raise ConfigError(f"{root}: Magnetic Tile Defects tiles are resized whole to the square input "
+                          f"({INPUT_SIZE}x{INPUT_SIZE}), so --resize and --crop do not apply: drop them.")
     if args.weights is not None and args.random_init:
         raise ConfigError("--weights and --random-init exclude each other: random weights load no file.")
     if args.nprobe is not None and args.knn_index == "flat":
         raise ConfigError("--nprobe only applies to --knn-index ivf or ivfpq; flat search is exhaustive.")
     check_holdout(args.holdout)
     base = MTD_PREPROCESS if mtd else MVTEC_PREPROCESS
-    grid = args.grid_layer
-    if grid is None and PatchCoreConfig.grid_layer in args.layers:
-        grid = PatchCoreConfig.grid_layer
     return PatchCoreConfig(
-        backbone=args.backbone, layers=tuple(args.layers), grid_layer=grid, pretrained=not args.random_init,
+        backbone=args.backbone, layers=tuple(args.layers), grid_layer=args.grid_layer, pretrained=not args.random_init,
         resize=base.resize if args.resize is None else args.resize,
         crop=base.crop if args.crop is None else args.crop,
         patch_size=args.patch_size, feature_mode=args.feature_mode, coreset_ratio=args.coreset_ratio,
@@ -386,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", help="'auto' (from the held-out normal scores saved by fit) or a score: "
                    "adds decision (anomalous if score >= threshold) to the CSV")
     p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/scores.csv, score the rest")
-    p.add_argument("--no-maps", action="store_true", help="write no maps/<index>_<name>.npy (float16, ~98 kB each)")
+    p.add_argument("--no-maps", action="store_true", help="write no maps/<index>_<name>.npy (float16, input-sized: ~166 kB at 288x288)")
     p.add_argument("--overlays", action="store_true",
                    help="write overlays/<index>_<name>.png and contact_sheet.png (most anomalous first)")
     p.set_defaults(func=cmd_predict)

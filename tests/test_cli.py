@@ -9,7 +9,7 @@ import pytest
 from test_datasets import make_category, make_mtd, write_image
 
 from patchcore_lite.cli import build_parser, main
-from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.datasets import INPUT_SIZE, train_test_samples
 from patchcore_lite.errors import DataError
 from patchcore_lite.model import PatchCore
 from patchcore_lite.pipeline import fit_evaluate
@@ -40,7 +40,7 @@ def test_fit_then_predict_scores_anomalies_above_normals(category: Path, model_f
     assert float(rows[0][1]) < float(rows[1][1])
     maps = sorted((out / "maps").iterdir())
     assert [p.name for p in maps] == [f"000000_{normal.stem}.npy", f"000001_{anomalous.stem}.npy"]
-    assert np.load(maps[0]).shape == (224, 224)
+    assert np.load(maps[0]).shape == (INPUT_SIZE, INPUT_SIZE)
 
 
 def test_evaluate_writes_results_with_the_search_asked_for(category: Path, tmp_path: Path):
@@ -70,8 +70,8 @@ def test_grid_layer_option(category: Path, capsys):
     args = parse(["fit", str(category), "--model", "x.npz", "--layers", "layer1", "layer2", "layer3",
                   "--grid-layer", "layer2"])
     assert _config(args, category).grid_index == 1
-    # without --grid-layer: the default grid layer if it is among --layers, else the finest layer
-    config = _config(parse(["fit", str(category), "--model", "x.npz", "--layers", "layer3", "layer4"]), category)
+    # without --grid-layer: the finest layer (eq. 3)
+    config = _config(parse(["fit", str(category), "--model", "x.npz", "--layers", "layer1", "layer2"]), category)
     assert config.grid_index == 0
     assert main(["fit", str(category), "--model", "x.npz", "--grid-layer", "layer4"]) == 2
     assert "grid_layer" in _one_error_line(capsys)
@@ -145,7 +145,7 @@ def test_magnetic_tiles_refuse_resize_and_crop(tmp_path: Path, capsys):
     mtd = make_mtd(tmp_path / "mtd")
     for option in ("--resize", "--crop"):
         assert main(["evaluate", str(mtd), option, "200", "--out", str(tmp_path)]) == 2
-        assert "resized whole to 224x224" in _one_error_line(capsys)
+        assert f"resized whole to the square input ({INPUT_SIZE}x{INPUT_SIZE})" in _one_error_line(capsys)
 
 
 def test_a_test_set_without_anomalies_is_refused_before_the_fit(tmp_path: Path, capsys, monkeypatch):

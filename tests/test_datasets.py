@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from patchcore_lite.datasets import (
+    INPUT_SIZE,
     MTD_PREPROCESS,
     MVTEC_PREPROCESS,
     ImageDataset,
@@ -23,6 +24,7 @@ from patchcore_lite.datasets import (
     load_mask,
     magnetic_tile_samples,
     mvtec_samples,
+    protocol,
     train_test_samples,
     validate_samples,
 )
@@ -381,11 +383,14 @@ def test_validate_samples_checks_the_mask_of_a_broken_image(tmp_path):
 def test_preprocess_shorter_side_resize_then_centre_crop():
     img = Image.new("RGB", (400, 300))
     assert Preprocess(crop=None).image(img).shape == (3, 256, 341)
-    assert MVTEC_PREPROCESS.image(img).shape == (3, 224, 224)
+    assert MVTEC_PREPROCESS.image(img).shape == (3, INPUT_SIZE, INPUT_SIZE)
     assert Preprocess(resize=(100, 120), crop=None).image(img).shape == (3, 100, 120)
-    assert MTD_PREPROCESS.image(img).shape == (3, 224, 224)
-    assert MVTEC_PREPROCESS.mask(np.zeros((300, 400), bool)).shape == (224, 224)
-    assert MTD_PREPROCESS.mask(np.zeros((300, 400), bool)).shape == (224, 224)
+    assert MTD_PREPROCESS.image(img).shape == (3, INPUT_SIZE, INPUT_SIZE)
+    assert MVTEC_PREPROCESS.mask(np.zeros((300, 400), bool)).shape == (INPUT_SIZE, INPUT_SIZE)
+    assert MTD_PREPROCESS.mask(np.zeros((300, 400), bool)).shape == (INPUT_SIZE, INPUT_SIZE)
+    # the paper's protocol at 224 (Sec. 4.1), and the study's winner scaled from it
+    assert (protocol("mvtec", 224).resize, protocol("mvtec", 224).crop) == (256, 224)
+    assert (MVTEC_PREPROCESS.resize, MVTEC_PREPROCESS.crop, INPUT_SIZE) == (329, 288, 288)
 
 
 def test_preprocess_normalises_and_unnormalises():
@@ -450,7 +455,7 @@ def test_reduced_mvtec_categories(mvtec_reduced, category):
     assert counts["good"] == 2 and len(counts) == 5 and all(n == 2 for n in counts.values())
     validate_samples(test)  # masks exist, decode and match their image sizes
     item = ImageDataset(test, MVTEC_PREPROCESS)[2]
-    assert item["image"].shape == (3, 224, 224) and item["mask"].sum() > 0
+    assert item["image"].shape == (3, INPUT_SIZE, INPUT_SIZE) and item["mask"].sum() > 0
 
 
 def test_real_magnetic_tile_counts_and_split(magnetic_tile):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore_lite.datasets import ImageDataset, train_test_samples
+from patchcore_lite.datasets import INPUT_SIZE, ImageDataset, train_test_samples
 from patchcore_lite.errors import ConfigError, DataError, ModelFileError
 from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.metrics import image_auroc
@@ -29,7 +29,7 @@ def fitted(synthetic_root: Path):
 
 def test_bank_is_the_coreset_of_all_training_patches(fitted):
     model, train, _ = fitted
-    assert model.n_train_patches == len(train) * 28 * 28
+    assert model.n_train_patches == len(train) * (INPUT_SIZE // 8) ** 2
     assert len(model.memory_bank) == int(model.n_train_patches * 0.1)
     assert model.memory_bank.shape[1] == sum(model.backbone.channels)
 
@@ -37,7 +37,7 @@ def test_bank_is_the_coreset_of_all_training_patches(fitted):
 def test_predict_gives_scores_and_input_sized_maps(fitted):
     model, _, test = fitted
     pred = model.predict(test[:3], progress=False)
-    assert pred.scores.shape == (3,) and pred.maps.shape == (3, 224, 224)
+    assert pred.scores.shape == (3,) and pred.maps.shape == (3, INPUT_SIZE, INPUT_SIZE)
     assert np.isfinite(pred.maps).all() and (pred.maps >= 0).all()
     # The scores and maps of score_batch, in the order given, from samples or from paths.
     images = torch.stack([item["image"] for item in ImageDataset(test[:3], model.preprocess)])
@@ -65,7 +65,7 @@ def test_score_features_scores_patch_features_against_any_bank(fitted):
     assert small_maps.shape == (2, 56, 56)
     # Without a PatchCore: the same eq. 6-7 and maps against an index built on its own.
     index = NearestNeighbors(model.memory_bank.clone(), model.config.knn_backend, model.config.knn_index)
-    other_scores, other_maps = score_features(features, index, model.config, (224, 224))
+    other_scores, other_maps = score_features(features, index, model.config, (INPUT_SIZE, INPUT_SIZE))
     torch.testing.assert_close(other_scores, scores)
     torch.testing.assert_close(other_maps, maps)
 
@@ -243,7 +243,7 @@ def test_a_failed_save_leaves_the_existing_model_untouched(fitted, tmp_path: Pat
     ({"backbone": "vgg"}, "backbone = 'vgg': must be one of efficientnet_lite0"),
     ({"layers": ("layer9",)}, "unknown: layer9"),
     ({"layers": ()}, "layers = .*non-empty"),
-    ({"crop": 0}, "crop = 0: must be None or a positive int up to the resized size 256"),
+    ({"crop": 0, "resize": 256}, "crop = 0: must be None or a positive int up to the resized size 256"),
     ({"resize": (224, -1)}, "resize = "),
     ({"sigma": 0.0}, "sigma = 0.0: must be > 0"),
     ({"sigma": -4}, "sigma = -4"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from patchcore_lite.cli import main
-from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.datasets import INPUT_SIZE, train_test_samples
 from patchcore_lite.errors import ModelFileError
 from patchcore_lite.model import PatchCore
 from patchcore_lite.thresholds import auto_threshold, decision_rates, split_holdout
@@ -58,7 +58,7 @@ def test_auto_threshold_flags_anomalies_and_few_normals(full_run: Path, model_fi
     assert sum(flagged[:4]) <= 1 and sum(flagged[4:]) >= 3, rows
     for r in rows:  # the decision is the rule applied to the values written
         assert (r["decision"] == "anomalous") == (float(r["score"]) >= float(r["threshold"]))
-        assert 0 <= int(r["max_row"]) < 224 and 0 <= int(r["max_col"]) < 224
+        assert 0 <= int(r["max_row"]) < INPUT_SIZE and 0 <= int(r["max_col"]) < INPUT_SIZE
     record = json.loads((full_run / "threshold.json").read_text())
     rule, value = auto_threshold(PatchCore.load(model_file).normal_scores)
     assert record["rule"] == rule and rule.startswith("mean + 3 sd") and record["threshold"] == pytest.approx(value)
@@ -71,7 +71,7 @@ def test_maps_and_overlays_for_every_image_readable_by_all(full_run: Path, image
         assert [p.name for p in written] == [f"{i:06d}_{p.stem}{suffix}" for i, p in enumerate(images)]
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~_umask() for p in written)  # 0644 under umask 022
     amap = np.load(full_run / "maps" / f"000004_{images[4].stem}.npy")
-    assert amap.shape == (224, 224) and amap.dtype == np.float16
+    assert amap.shape == (INPUT_SIZE, INPUT_SIZE) and amap.dtype == np.float16
     assert (full_run / "contact_sheet.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -114,7 +114,7 @@ def test_fit_on_a_plain_folder_of_good_images(synthetic_root: Path, tmp_path: Pa
     model = tmp_path / "plain.npz"
     assert main(["fit", str(tmp_path / "good"), "--model", str(model), "--holdout", "0.25", *FAST]) == 0
     loaded = PatchCore.load(model)
-    assert len(loaded.normal_scores) == 1 and loaded.n_train_patches == 3 * 28 * 28
+    assert len(loaded.normal_scores) == 1 and loaded.n_train_patches == 3 * (INPUT_SIZE // 8) ** 2
     assert set(loaded.normal_pixel_quantiles) == {"0.5", "0.9", "0.99", "0.999"}
     # without a held-out split there is no automatic threshold: a clear error, a manual one still works
     assert main(["fit", str(tmp_path / "good"), "--model", str(model), "--holdout", "0", *FAST]) == 0

@@ -10,6 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from patchcore_lite import widgets
+from patchcore_lite.datasets import INPUT_SIZE
 from patchcore_lite.experiments import patch_size_results
 from patchcore_lite.patches import neighbour_change, principal_component_map
 
@@ -31,9 +32,9 @@ def test_results_keep_metrics_and_one_anomalous_image_per_patch_size(results):
     for r in results.values():
         assert set(r["metrics"]) == {"image_auroc", "pixel_auroc", "aupro"}
         assert all(0.5 < v <= 1 for v in r["metrics"].values()), r["metrics"]  # far better than chance
-        assert r["map"].shape == r["mask"].shape == (224, 224) and r["mask"].any()
-        assert r["image"].shape == (224, 224, 3) and 0 <= r["image"].min() and r["image"].max() <= 1
-        assert r["features"].shape == (28, 28)
+        assert r["map"].shape == r["mask"].shape == (INPUT_SIZE, INPUT_SIZE) and r["mask"].any()
+        assert r["image"].shape == (INPUT_SIZE, INPUT_SIZE, 3) and 0 <= r["image"].min() and r["image"].max() <= 1
+        assert r["features"].shape == (INPUT_SIZE // 8, INPUT_SIZE // 8)  # the stride-8 grid
         assert Path(r["path"]).parent.name != "good"
     # The map is highest on the defect: its mean inside the mask beats the mean outside.
     r = results[3]

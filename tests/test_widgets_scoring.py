@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from patchcore_lite import widgets
 from patchcore_lite.coreset import coreset_radius, select_coreset
-from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.datasets import INPUT_SIZE, train_test_samples
 from patchcore_lite.experiments import coreset_results, evaluate_bank, search_tradeoff, split_features
 from patchcore_lite.metrics import read_paper_results
 from patchcore_lite.model import PatchCore
@@ -175,9 +175,9 @@ def small_model(synthetic_root: Path):
 def test_split_features_and_evaluate_bank_reproduce_patchcore_predict(small_model):
     model, _, test = small_model
     test_set = split_features(model, test)
-    assert test_set["features"].shape == (4, 28, 28, model.memory_bank.shape[1])
-    assert test_set["masks"].shape == (4, 224, 224) and test_set["masks"].dtype == bool
-    assert test_set["images"].shape == (4, 224, 224, 3) and 0 <= test_set["images"].min() <= test_set["images"].max() <= 1
+    assert test_set["features"].shape == (4, INPUT_SIZE // 8, INPUT_SIZE // 8, model.memory_bank.shape[1])
+    assert test_set["masks"].shape == (4, INPUT_SIZE, INPUT_SIZE) and test_set["masks"].dtype == bool
+    assert test_set["images"].shape == (4, INPUT_SIZE, INPUT_SIZE, 3) and 0 <= test_set["images"].min() <= test_set["images"].max() <= 1
     assert test_set["labels"].tolist() == [s.label for s in test] == [0, 0, 1, 1]
     row, _ = evaluate_bank(model.memory_bank, test_set, model.config)
     np.testing.assert_allclose(row["scores"], model.predict(test, progress=False).scores, rtol=1e-5)
