@@ -59,6 +59,9 @@ def check_page(page: Page, url: str, name: str) -> list[str]:
     problems += [f"{name}: broken image {src}" for src in broken]
     if page.locator(".math").count() and not page.locator("mjx-container").count():
         problems.append(f"{name}: equations are not typeset (no MathJax output)")
+    raw = page.eval_on_selector_all("p", "ps => ps.filter(p => /^\\|.*\\|\\s*$/m.test(p.textContent)).length")
+    if raw:
+        problems.append(f"{name}: {raw} Markdown table(s) shown as raw text (nb_render_markdown_format)")
     return problems
 
 
