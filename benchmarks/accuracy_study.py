@@ -254,7 +254,8 @@ def report(rows: list[dict], sets: list[str], candidates: dict[str, dict]) -> st
         if name not in done:
             continue
         s, m = done[name], fit[(name, "magnetic_tile")]
-        cells = [str(s["round"]) + ("" if name in candidates else "*"), name] + [f"{s[d][k]:.3f}" for d in sets for k in ("image_auroc", "pixel_auroc", "aupro")]
+        cells = [str(s["round"]) + ("" if name in candidates else "*"), name]
+        cells += [f"{s[d][k]:.3f}" for d in sets for k in ("image_auroc", "pixel_auroc", "aupro")]
         cells += [f"**{s['mean_aupro']:.4f}**", f"{float(m['fit_s']):.0f}", f"{float(m['ms_per_image']):.0f}",
                   "-" if s["speed"] is None else f"{s['speed']:.1f}",
                   " / ".join(mark[s.get(f"rule_{i}")] for i in (1, 2, 3))]
