@@ -238,6 +238,11 @@ def round_2(done: dict[str, dict], round_1: dict[str, dict]) -> dict[str, dict]:
     return {}
 
 
+def all_candidates(done: dict[str, dict]) -> dict[str, dict]:
+    """Every candidate the rule defines: round 1, and the round 2 that round 1's results give."""
+    return {**ROUND_1, **round_2(done, ROUND_1)}
+
+
 def report(rows: list[dict], sets: list[str], candidates: dict[str, dict]) -> str:
     """RESULTS.md's section: the rule, every candidate in ``rows`` (``candidates`` first, in their order;
     a recorded candidate that is no longer one, such as a round 2 from an incomplete round 1, is marked *),
@@ -302,7 +307,7 @@ def main() -> None:
         if not (args.no_gate or args.only):  # round 2 needs round 1's gates to know which candidates pass
             run_round(2, round_2(summary(read_rows(args.csv), names), ROUND_1), sets, args.csv)
     rows = read_rows(args.csv)
-    candidates = {**ROUND_1, **round_2(summary(rows, names), ROUND_1)}
+    candidates = all_candidates(summary(rows, names))
     write_report(report(rows, names, candidates))
     print(report(rows, names, candidates))
 
@@ -328,7 +333,7 @@ def run_round(number: int, candidates: dict[str, dict], sets: dict[str, Path], p
 
 def gates_again(done: dict[str, dict], mtd: Path, repeat: int = 2) -> None:
     """Rule 3's measurement again for every candidate with a recorded gate, in alternating order; printed only."""
-    candidates = {**ROUND_1, **round_2(done, ROUND_1)}
+    candidates = all_candidates(done)
     gated = [n for n in candidates if n in done and done[n]["speed"] is not None]
     for i in range(repeat):
         for name in gated if i % 2 == 0 else reversed(gated):

@@ -75,3 +75,11 @@ def test_input_protocols_of_the_study(synthetic_root):
     assert (whole.resize, whole.crop) == ((224, 224), None)  # MVTec: the whole image, nothing cropped
     r = study.model_for(category, {"resolution": 320}).config
     assert (r.resize, r.crop) == (366, 320)  # the paper's 256 -> 224 ratio kept
+
+
+def test_all_candidates_are_round_1_and_the_round_2_it_defines():
+    data = BASE + rows("p = 1", [0.96, 1.0, 0.9375], [0.80, 0.90, 0.85]) + rows(
+        "resolution 256", [0.96, 1.0, 0.9375], [0.75, 0.90, 0.85])
+    candidates = study.all_candidates(study.summary(data, SETS))
+    assert list(candidates)[: len(study.ROUND_1)] == list(study.ROUND_1)
+    assert candidates["p = 1 + resolution 256"] == {"patch_size": 1, "resolution": 256}
