@@ -28,13 +28,12 @@ from pathlib import Path
 
 import faiss
 import torch
+from common import dataset_model, dataset_split, input_images
 from tqdm.auto import tqdm
 
-from common import dataset_model, dataset_split
 from patchcore_lite.coreset import select_coreset
-from patchcore_lite.datasets import dataset_kind, image_batches, protocol
-from patchcore_lite.download import data_root, mvtec_category
-from patchcore_lite.experiments import evaluate_bank, split_features
+from patchcore_lite.datasets import data_root, dataset_kind, mvtec_category, protocol
+from patchcore_lite.teaching.experiments import evaluate_bank, split_features
 
 # ---- the rule: written on 2026-12-01 before any run, and kept --------------------------------------
 RULE = """\
@@ -151,7 +150,7 @@ def _evaluate(root: Path, settings: dict, cache: dict) -> dict:
         cache["features"][root] = (model, split_features(model, train), split_features(model, test))
     base, train, test = cache["features"][root]
     config = replace(base.config, **{k: v for k, v in {**BASELINE, **settings}.items() if k in SCORING})
-    bank = train["features"].flatten(0, 2)
+    bank = train.features.flatten(0, 2)
     key = (root, config.coreset_ratio, config.coreset_method)
     if key not in cache["coresets"]:
         start = time.perf_counter()
@@ -160,12 +159,12 @@ def _evaluate(root: Path, settings: dict, cache: dict) -> dict:
         cache["coresets"][key] = picks, time.perf_counter() - start
     picks, coreset_s = cache["coresets"][key]
     row, _ = evaluate_bank(bank[picks].contiguous(), test, config)
-    n_test = len(test["labels"])
+    n_test = len(test.labels)
     return {
-        "image_auroc": row["image_auroc"], "pixel_auroc": row["pixel_auroc"], "aupro": row["aupro"],
-        "fit_s": train["extract_s"] + coreset_s,
-        "ms_per_image": row["search_ms_per_image"] + 1000 * test["extract_s"] / n_test,
-        "bank_size": row["bank_size"], "n_train": len(train["labels"]), "n_test": n_test,
+        **row.metrics,
+        "fit_s": train.extract_s + coreset_s,
+        "ms_per_image": row.search_ms_per_image + 1000 * test.extract_s / n_test,
+        "bank_size": row.bank_size, "n_train": len(train.labels), "n_test": n_test,
     }
 
 
@@ -174,12 +173,11 @@ def images_per_second(settings: dict, mtd: Path, repeat: int = 3) -> float:
     model = model_for(mtd, {**settings, "coreset_ratio": 0.1, "coreset_method": "greedy"})
     train, test = dataset_split(mtd, 209, 64)
     model.fit(train, progress=False)
-    batches = list(image_batches(test, model.preprocess, 8))
+    images = input_images(model, test)
     times = []
     for _ in range(repeat + 1):  # the first pass warms up
         start = time.perf_counter()
-        for images in batches:
-            model.score_batch(images)
+        model.predict(images, progress=False)
         times.append(time.perf_counter() - start)
     return len(test) / statistics.median(times[1:])
 

@@ -1,4 +1,5 @@
-"""Greedy coreset: fast path vs plain loop on one bank, same start; checks the indices are identical.
+"""Greedy coreset: the fast path (lazy_greedy) vs the plain loop (coreset.greedy_coreset) on one bank, same
+start; checks the indices are identical.
 
     python benchmarks/bench_coreset.py                       # uniform and clustered 163,856 x 128, 10 %
     python benchmarks/bench_coreset.py --data clustered --no-plain
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import patch_bank, peak_rss_mib
+
 from patchcore_lite.coreset import greedy_coreset, random_projection
+from patchcore_lite.lazy_greedy import lazy_greedy_coreset
 
 
 def make_bank(kind: str, n: int, dim: int, seed: int) -> torch.Tensor:
@@ -46,7 +48,7 @@ def run(name: str, bank: torch.Tensor, args: argparse.Namespace) -> bool:
     runs = []
     for _ in range(args.repeat):  # this machine's timings wander by +-25% between runs
         t = time.perf_counter()
-        fast = greedy_coreset(bank, n_select, start=args.start, seed=args.seed, fast=True)
+        fast = lazy_greedy_coreset(bank, n_select, start=args.start, seed=args.seed)
         runs.append(time.perf_counter() - t)
     t_fast = statistics.median(runs)
     print(f"fast : {t_fast:7.2f} s  {1e3 * t_fast / n_select:6.3f} ms/pick  peak RSS {peak_rss_mib():6.0f} MiB"
@@ -54,7 +56,7 @@ def run(name: str, bank: torch.Tensor, args: argparse.Namespace) -> bool:
     if not args.plain:
         return True
     t = time.perf_counter()
-    plain = greedy_coreset(bank, n_select, start=args.start, seed=args.seed, fast=False)
+    plain = greedy_coreset(bank, n_select, start=args.start, seed=args.seed)
     t_plain = time.perf_counter() - t
     print(f"plain: {t_plain:7.2f} s  {1e3 * t_plain / n_select:6.3f} ms/pick  peak RSS {peak_rss_mib():6.0f} MiB")
     same = torch.equal(fast, plain)

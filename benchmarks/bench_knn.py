@@ -5,9 +5,10 @@
 
 Synthetic: a Gaussian mixture bank (200 components) and queries near bank vectors;
 easy for approximate search. ``--dataset``: real features. PatchCore (defaults) is fit
-on the first ``--train-images`` training images (209 x 784 patches = MVTec bottle's
-163,856, so a 10% bank of 16,385), queries are the patches of ``--images`` seeded test
-images, anomalies included. ``--evaluate`` also scores the whole test set with each
+on the first ``--train-images`` training images (209 images = MVTec bottle's training set: at the
+288 default, 209 x 1,296 = 270,864 patches, a 10% bank of 27,086), queries are the patches of
+``--images`` seeded test images, anomalies included. Patches per image come from the model
+(a default PatchCore's grid in the synthetic mode). ``--evaluate`` also scores the whole test set with each
 search and prints image AUROC, pixel AUROC and AUPRO.
 
 "straightforward" is one (N, M) distance matrix per 8 images (``torch.cdist``, as
@@ -22,14 +23,19 @@ import time
 from pathlib import Path
 
 import torch
+from common import (
+    dataset_model,
+    dataset_split,
+    median_seconds,
+    patches_per_image,
+    peak_rss_mib,
+    search_name,
+)
 
-from common import dataset_model, dataset_split, median_seconds, peak_rss_mib, search_name
-from patchcore_lite.datasets import image_batches
+from patchcore_lite.evaluation import evaluate
 from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.model import PatchCore
-from patchcore_lite.pipeline import evaluate
 
-PATCHES = 784  # 28 x 28 patches of a 224 x 224 image
 SEARCHES = [("torch", "flat", 8), ("faiss", "flat", 8), ("faiss", "ivf", 8), ("faiss", "ivf", 16),
             ("faiss", "ivfpq", 8)]
 
@@ -42,17 +48,17 @@ def synthetic_data(m: int, dim: int, n_query: int, seed: int) -> tuple[torch.Ten
     return bank, queries
 
 
-def straightforward(bank: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def straightforward(bank: torch.Tensor, queries: torch.Tensor, patches: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole (N, M) distance matrix of 8 images at a time, then its row minima."""
-    parts = [torch.cdist(q, bank).min(dim=1) for q in queries.split(8 * PATCHES)]
+    parts = [torch.cdist(q, bank).min(dim=1) for q in queries.split(8 * patches)]
     return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
 
-def compare(bank: torch.Tensor, queries: torch.Tensor, args: argparse.Namespace) -> None:
-    n_img = len(queries) / PATCHES
-    flops = 2 * PATCHES * len(bank) * bank.shape[1]
-    exact_d, exact_i = straightforward(bank, queries)
-    base = median_seconds(lambda: straightforward(bank, queries), args.repeat) / n_img
+def compare(bank: torch.Tensor, queries: torch.Tensor, patches: int, args: argparse.Namespace) -> None:
+    n_img = len(queries) / patches
+    flops = 2 * patches * len(bank) * bank.shape[1]
+    exact_d, exact_i = straightforward(bank, queries, patches)
+    base = median_seconds(lambda: straightforward(bank, queries, patches), args.repeat) / n_img
     print(f"{'search':21s} {'build s':>8s} {'ms/image':>9s} {'speedup':>8s} {'GFLOP/s':>8s} "
           f"{'recall@1':>9s} {'rel.err mean':>13s} {'max':>7s}")
     print(f"{'straightforward':21s} {0:8.2f} {1e3 * base:9.1f} {1:7.1f}x {flops / base / 1e9:8.0f}")
@@ -73,9 +79,9 @@ def real_data(args: argparse.Namespace) -> tuple[PatchCore, list, torch.Tensor]:
     train, test = dataset_split(args.dataset, args.train_images, None, args.seed)
     model = dataset_model(args.dataset).fit(train)
     _, sample = dataset_split(args.dataset, None, args.images, args.seed)
-    queries = torch.cat([model.extract(b).flatten(0, 2) for b in image_batches(sample, model.preprocess, 8)])
+    queries = model.extract_all(sample, False, "").flatten(0, 2)
     print(f"\n== {args.dataset}: bank {tuple(model.memory_bank.shape)} (10% of {model.n_train_patches} patches "
-          f"of {len(train)} training images), queries: {len(sample)} test images x {PATCHES} patches")
+          f"of {len(train)} training images), queries: {len(sample)} test images x {patches_per_image(model)} patches")
     return model, test, queries
 
 
@@ -86,19 +92,20 @@ def main() -> None:
     p.add_argument("--evaluate", action="store_true", help="also AUROC / AUPRO on the whole test set per search")
     p.add_argument("--bank", type=int, default=16_385, help="synthetic bank size (10%% coreset of MVTec bottle)")
     p.add_argument("--dims", type=int, nargs="+", default=[152, 1024, 1536], help="synthetic feature dimensions")
-    p.add_argument("--images", type=int, default=16, help="test images to time (784 patches each)")
+    p.add_argument("--images", type=int, default=16, help="test images to time (1,296 patches each at 288)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.dataset is None:
+        patches = patches_per_image(PatchCore(pretrained=False))  # the default input's grid
         for dim in args.dims:
-            print(f"\n== synthetic bank {args.bank} x {dim}, {args.images} images x {PATCHES} patches")
-            compare(*synthetic_data(args.bank, dim, PATCHES * args.images, args.seed), args)
+            print(f"\n== synthetic bank {args.bank} x {dim}, {args.images} images x {patches} patches")
+            compare(*synthetic_data(args.bank, dim, patches * args.images, args.seed), patches, args)
         print(f"\npeak RSS {peak_rss_mib():.0f} MiB")
         return
     model, test, queries = real_data(args)
-    compare(model.memory_bank, queries, args)
+    compare(model.memory_bank, queries, patches_per_image(model), args)
     if args.evaluate:
         print(f"\n{'search':21s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'AUPRO':>7s}  ({len(test)} test images)")
         for backend, index, nprobe in SEARCHES:

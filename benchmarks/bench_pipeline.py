@@ -23,37 +23,44 @@ import time
 from pathlib import Path
 
 import torch
+from common import (
+    dataset_model,
+    dataset_split,
+    input_images,
+    median_seconds,
+    peak_rss_mib,
+    search_name,
+)
 
-from common import dataset_model, dataset_split, median_seconds, peak_rss_mib, search_name
 from patchcore_lite.backbone import Backbone
 from patchcore_lite.datasets import image_batches
 from patchcore_lite.model import PatchCore
 from patchcore_lite.patches import patch_features
 from patchcore_lite.scoring import anomaly_maps, image_scores, patch_scores
-from patchcore_lite.synthetic import ensure_synthetic
+from patchcore_lite.teaching.synthetic import ensure_synthetic
 
 SEARCHES = [("faiss", "flat", 8), ("torch", "flat", 8), ("faiss", "ivf", 8), ("faiss", "ivf", 16)]
 STAGES = ("backbone", "patches", "search", "image score", "maps")
 
 
-def features_per_second(model: PatchCore, batches: list[torch.Tensor], repeat: int) -> tuple[float, float]:
+def features_per_second(model: PatchCore, images: torch.Tensor, repeat: int) -> tuple[float, float]:
     """Images/s of the folded backbone and of the same network unfolded, timed in alternation."""
     c = model.config
     plain = Backbone(c.backbone, c.layers, c.pretrained, seed=c.seed, fold=False)
     runs: dict[bool, list[float]] = {True: [], False: []}
     nets = ((True, model.backbone), (False, plain))
+    batches = [batch.images for batch in image_batches(images, model.preprocess, c.batch_size)]
     with torch.inference_mode():
         for _, net in nets:
             net(batches[0])  # warm-up
         for _ in range(repeat):  # alternating, so a slow spell of the machine hits both
             for folded, net in nets:
                 runs[folded].append(median_seconds(lambda: [net(b) for b in batches], 1, warm_up=False))
-    n = sum(len(b) for b in batches)
-    return n / statistics.median(runs[True]), n / statistics.median(runs[False])
+    return len(images) / statistics.median(runs[True]), len(images) / statistics.median(runs[False])
 
 
-def stage_times(model: PatchCore, batches: list[torch.Tensor]) -> dict[str, float]:
-    """Seconds spent in each inference stage over all batches (one pass)."""
+def stage_times(model: PatchCore, images: torch.Tensor) -> dict[str, float]:
+    """Seconds spent in each inference stage over all batches (one pass): ``score_batch`` taken apart."""
     c, index, times = model.config, model.index, dict.fromkeys(STAGES, 0.0)
 
     def timed(stage: str, fn, *args):
@@ -63,18 +70,18 @@ def stage_times(model: PatchCore, batches: list[torch.Tensor]) -> dict[str, floa
         return out
 
     with torch.inference_mode():
-        for images in batches:
-            maps = timed("backbone", model.backbone, images)
+        for batch in image_batches(images, model.preprocess, c.batch_size):
+            maps = timed("backbone", model.backbone, batch.images)
             feats = timed("patches", patch_features, maps, c.patch_size, c.patch_stride, c.feature_mode,
                           c.embed_dim, c.target_dim, c.grid_index)
             dist, nearest = timed("search", patch_scores, feats, index, c.k, c.squared)
             timed("image score", image_scores, feats, dist, nearest, index, c.reweight, c.reweight_b)
-            timed("maps", anomaly_maps, dist, tuple(images.shape[-2:]), c.sigma)
+            timed("maps", anomaly_maps, dist, tuple(batch.images.shape[-2:]), c.sigma)
     return times
 
 
-def median_stages(model: PatchCore, batches: list[torch.Tensor], repeat: int) -> dict[str, float]:
-    runs = [stage_times(model, batches) for _ in range(repeat + 1)][1:]  # the first run warms up
+def median_stages(model: PatchCore, images: torch.Tensor, repeat: int) -> dict[str, float]:
+    runs = [stage_times(model, images) for _ in range(repeat + 1)][1:]  # the first run warms up
     totals = [sum(r.values()) for r in runs]
     return runs[totals.index(sorted(totals)[len(totals) // 2])]  # the run with the median total
 
@@ -96,13 +103,13 @@ def main() -> None:
                           batch_size=args.batch_size, weights_path=args.weights)
     model.fit(train)
     fit_rss, t = peak_rss_mib(), model.fit_timings
-    batches = list(image_batches(test, model.preprocess, args.batch_size))
+    images = input_images(model, test)
 
     print(f"\nPatchCore on {root}: {len(train)} training images, {len(test)} test images timed")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; backbone {args.backbone}, layers {model.config.layers}, "
           f"batch {args.batch_size}, medians of {args.repeat} runs")
-    folded, plain = features_per_second(model, batches, args.repeat)
+    folded, plain = features_per_second(model, images, args.repeat)
     print(f"features  : {folded:6.1f} images/s folded batch norms, {plain:6.1f} unfolded ({folded / plain:.2f}x)")
     print(f"fit       : features {t['features_s']:.1f} s, coreset {t['coreset_s']:.1f} s for {t['coreset_picks']} "
           f"picks of {model.n_train_patches} patches ({1e3 * t['coreset_s'] / t['coreset_picks']:.2f} ms/pick), "
@@ -111,7 +118,7 @@ def main() -> None:
     print(f"{'search':20s}" + "".join(f"{s:>12s}" for s in STAGES) + f"{'tensors->maps':>15s}{'files->maps':>13s}")
     for backend, index, nprobe in SEARCHES:
         model.set_search(backend, index, nprobe)
-        stages = median_stages(model, batches, args.repeat)
+        stages = median_stages(model, images, args.repeat)
         from_files = median_seconds(lambda: model.predict(test, progress=False), args.repeat)
         name = search_name(backend, index, nprobe)
         print(f"{name:20s}" + "".join(f"{1e3 * stages[s] / len(test):9.1f} ms" for s in STAGES)

@@ -16,12 +16,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from patchcore_lite.cli import main as cli
 from patchcore_lite.datasets import list_images
-from patchcore_lite.synthetic import ensure_synthetic
+from patchcore_lite.teaching.synthetic import ensure_synthetic
+from patchcore_lite.tools.cli import main as cli
 
 RUN = (
-    "import resource, sys; from patchcore_lite.cli import main; code = main(sys.argv[1:]); "
+    "import resource, sys; from patchcore_lite.tools.cli import main; code = main(sys.argv[1:]); "
     "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(code)"
 )
 

@@ -66,5 +66,18 @@ def dataset_split(root: Path, train_images: int | None, test_images: int | None,
 def patch_bank(root: Path, train_images: int | None) -> torch.Tensor:
     """Patch features (N, D) of the first ``train_images`` training images, default PatchCore settings."""
     train, _ = dataset_split(root, train_images, None)
-    model = dataset_model(root)
-    return torch.cat([model.extract(b).flatten(0, 2) for b in image_batches(train, model.preprocess, 8, True)])
+    return dataset_model(root).extract_all(train, True, "features").flatten(0, 2)
+
+
+def input_images(model: PatchCore, samples: list[Sample]) -> torch.Tensor:
+    """The samples decoded and preprocessed once, as (N, 3, H, W) tensors: timings that start from
+    tensors leave decoding out."""
+    return torch.cat([batch.images for batch in image_batches(samples, model.preprocess, model.config.batch_size)])
+
+
+def patches_per_image(model: PatchCore) -> int:
+    """The patches ``model`` scores per image at its square input size (MVTec: the crop; MTD: the resize)."""
+    p = model.preprocess
+    side = p.crop or p.resize
+    h, w = (side, side) if isinstance(side, int) else side
+    return int(model.extract(torch.zeros(1, 3, h, w)).shape[1:3].numel())

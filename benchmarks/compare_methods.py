@@ -3,7 +3,7 @@
     nice -n 10 python benchmarks/compare_methods.py                    # synthetic + reduced MVTec
     python benchmarks/compare_methods.py --methods PaDiM PatchCore-10% --categories tile --no-real
 
-Runs ``patchcore_lite.compare.compare`` on every synthetic category and on the real
+Runs ``patchcore_lite.tools.compare.compare`` on every synthetic category and on the real
 hazelnut and transistor categories found under the data root (``download.mvtec_category``);
 prints one table per dataset plus the per-method means, and writes
 ``results.csv`` and ``compare_methods.png`` (bar plot of the means) to ``--out``.
@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from patchcore_lite.compare import DETECTORS, METRICS, compare, summarise
-from patchcore_lite.download import data_root, mvtec_category
-from patchcore_lite.metrics import format_table, write_results
-from patchcore_lite.synthetic import CATEGORIES, ensure_synthetic
-from patchcore_lite.viz import plot_bar
+from patchcore_lite.datasets import data_root, mvtec_category
+from patchcore_lite.teaching.synthetic import CATEGORIES, ensure_synthetic
+from patchcore_lite.teaching.viz import plot_bar
+from patchcore_lite.tools.compare import DETECTORS, METRICS, compare, summarise
+from patchcore_lite.tools.tables import format_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CATEGORIES = ("hazelnut", "transistor")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from patchcore_lite.evaluation import fit_evaluate
 from patchcore_lite.model import PatchCore
-from patchcore_lite.pipeline import fit_evaluate
-from patchcore_lite.synthetic import CATEGORIES, generate
+from patchcore_lite.teaching.synthetic import CATEGORIES, generate
 
 VARIANTS: dict[str, dict] = {
     "default": {},

@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-from .download import data_root  # noqa: E402  (after __version__, which download.py reads)
+from .datasets import data_root  # noqa: E402, F401  (after __version__, which tools.download reads)

@@ -1,4 +1,13 @@
-"""Reading anomaly-detection datasets: MVTec AD layout and Magnetic Tile Defects.
+"""Datasets: where they live, their folder layouts (MVTec AD, Magnetic Tile Defects), loading.
+
+Where data lives: one data root serves the package, the chapters, the tests and the command line:
+
+* ``$PATCHCORE_DATA`` if it is set;
+* else the repository's ``data/`` folder, when the package runs from a source checkout;
+* else ``$XDG_DATA_HOME/patchcore_lite`` (``~/.local/share/patchcore_lite``) for an installed package.
+
+Nothing else in the package names a data location: everything asks ``data_root()`` or
+``locate()`` (``tools.download`` fills the data root from the publishers).
 
 Everything that touches files on disk lives here, so that a bad image or a wrong
 folder layout fails with a ``DataError`` that names the file and says how to fix it,
@@ -46,6 +55,88 @@ from tqdm.auto import tqdm
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
 from .errors import DataError, check_setting
 
+# ----------------------------------------------------------------------------- where data lives
+
+_PACKAGE = Path(__file__).resolve().parent
+ENV_DATA = "PATCHCORE_DATA"
+
+
+def data_root() -> Path:
+    """The folder under which every dataset lives (see the module docstring); it may not exist yet."""
+    env = os.environ.get(ENV_DATA)
+    if env:
+        return Path(env).expanduser()
+    repo = _PACKAGE.parent
+    if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir():
+        return repo / "data"
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "patchcore_lite"
+
+
+def locate(*relative: str) -> Path | None:
+    """The first of the folders ``relative`` (paths below the data root) that exists, else None.
+
+    ``locate("mvtec_ad/hazelnut", "mvtec_reduced/hazelnut")`` prefers a full download
+    and falls back to the reduced development copy.
+    """
+    root = data_root()
+    return next((root / r for r in relative if (root / r).is_dir()), None)
+
+
+def writable_dir(preferred: Path, name: str) -> Path:
+    """``preferred`` if it can be written, else ``$XDG_CACHE_HOME/patchcore_lite/<name>``.
+
+    Generated data (the synthetic set) goes under the data root, unless that root is
+    read-only (a shared copy of real datasets, as on CI); then it goes to the user's cache.
+    A folder without write bits counts as read-only even for root, who could write anyway.
+    """
+    existing = next(p for p in (preferred, *preferred.parents) if p.exists())
+    if existing.is_dir() and existing.stat().st_mode & 0o222 and os.access(existing, os.W_OK):
+        preferred.mkdir(parents=True, exist_ok=True)
+        return preferred
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchcore_lite" / name
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def real_datasets() -> list[str]:
+    """The real data folders present below the data root, e.g. ``["mvtec_reduced/hazelnut", "magnetic_tile"]``."""
+    root = data_root()
+    found = ["magnetic_tile"] if (root / "magnetic_tile").is_dir() else []
+    for collection in ("mvtec_ad", "mvtec_reduced"):  # a download, then the reduced development copy
+        if (root / collection).is_dir():
+            # Hidden folders are downloads being unpacked (``.extracting-*``), not categories.
+            found += [f"{collection}/{c.name}" for c in sorted((root / collection).iterdir())
+                      if c.is_dir() and not c.name.startswith(".")]
+    return sorted(found)
+
+
+def data_summary() -> str:
+    """One line for a chapter's first output: the real data present, or how to get some."""
+    found = real_datasets()
+    if found:
+        return f"real data in {data_root()}: {', '.join(found)}"
+    return (f"no real data in {data_root()}, so this runs on synthetic data only; "
+            "to add a real category: python -m patchcore_lite download mvtec_ad hazelnut")
+
+
+def mvtec_category(name: str) -> Path | None:
+    """A real MVTec AD category below the data root: the full download if present, else the reduced copy."""
+    return locate(f"mvtec_ad/{name}", f"mvtec_reduced/{name}")
+
+
+def dataset_label(folder: Path) -> str:
+    """How a chapter names a real data folder: "MVTec AD hazelnut (reduced)", "Magnetic Tile Defects"."""
+    if folder.name == "magnetic_tile":
+        return "Magnetic Tile Defects"
+    return f"MVTec AD {folder.name}" + (" (reduced)" if folder.parent.name == "mvtec_reduced" else "")
+
+
+
+# ----------------------------------------------------------------------------- layouts
+
+# MVTec AD's 15 categories, in the dataset's (alphabetical) order: the columns of the paper's per-category tables.
+MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                    "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 _MVTEC_LAYOUT = (
@@ -535,23 +626,38 @@ class ImageDataset(torch.utils.data.Dataset):
 Data = torch.Tensor | torch.utils.data.Dataset | Sequence[Sample] | Sequence[str | Path]
 
 
+@dataclass
+class Batch:
+    """What the loader yields: ``images`` (B, 3, H, W) normalised, ``masks`` (B, H, W) bool for
+    images read from files (all False where a sample has no mask; None for tensors), and
+    ``start``, the position of ``images[0]`` in the data."""
+
+    images: torch.Tensor
+    masks: torch.Tensor | None
+    start: int
+
+
 def image_batches(
     data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = ""
-) -> Iterator[torch.Tensor]:
-    """Normalised image batches from tensors, an ``ImageDataset``, samples or paths.
+) -> Iterator[Batch]:
+    """The package's one batch loop: ``Batch``es from tensors, an ``ImageDataset``, samples or paths, in order.
 
-    Files are checked before the first batch, so a bad image stops the run
-    before any work is done rather than halfway through it.
+    Every detector's ``fit`` and ``predict``, the evaluation, the command line, the chapters'
+    experiments and the benchmarks read images through it. Files are checked before the first
+    batch, so a bad image stops the run before any work is done rather than halfway through it.
     """
     if isinstance(data, torch.Tensor):
-        chunks: Iterable = data.split(batch_size)
-        total = len(chunks)  # type: ignore[arg-type]
+        parts: Iterable = ((chunk, None) for chunk in data.split(batch_size))
+        total = -(-len(data) // batch_size)
     else:
         if not isinstance(data, torch.utils.data.Dataset):
             samples = [s if isinstance(s, Sample) else Sample(Path(s), 0, "good", None) for s in data]
             validate_samples(samples)
             data = ImageDataset(samples, preprocess)
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-        chunks = (b["image"] if isinstance(b, dict) else b for b in loader)
+        parts = ((b["image"], b["mask"].bool()) if isinstance(b, dict) else (b, None) for b in loader)
         total = len(loader)
-    yield from tqdm(chunks, total=total, desc=desc, disable=not progress, unit="batch")
+    start = 0
+    for images, masks in tqdm(parts, total=total, desc=desc, disable=not progress, unit="batch"):
+        yield Batch(images, masks, start)
+        start += len(images)

@@ -1,15 +1,15 @@
-"""What every detector shares: PatchCore (model.py), SPADE, PaDiM and CFA.
+"""What every detector shares: PatchCore (model.py), SPADE, PaDiM and CFA (methods/).
 
-A *detector* has a ``preprocess``, a ``config.batch_size``, ``fit(data)`` and
-``score_batch(images) -> (scores, maps)``: the ``Detector`` protocol that
-``pipeline.evaluate`` runs. ``BackboneDetector`` holds the scaffolding around a
-method, so that each detector's module holds only the method itself:
+``BackboneDetector`` holds the scaffolding around a method, so that each detector's module
+holds only the method itself:
 
 * the backbone and preprocessing, built from a config dataclass and keyword
   overrides (``Spade(k=5)`` is ``Spade(replace(SpadeConfig(), k=5))``);
 * ``extract_all``: the features of every image, in tensors preallocated at the
   first batch, so no per-batch copies stay alive while a bank is built;
-* ``predict``: ``score_batch`` over every image, in order;
+* ``scored_batches``: ``score_batch`` over every batch of the one loader
+  (``datasets.image_batches``, ``config.batch_size`` images at a time), in order; ``predict``
+  collects it, ``evaluation.evaluate`` adds the ground truth, the command line writes it as it comes;
 * ``memory_bytes``: the size of the tensors a detector keeps per category.
 
 A subclass sets ``config_class`` and implements ``_setup`` (its own state,
@@ -19,16 +19,16 @@ unfitted), ``extract``, ``fit``, ``score_batch``, ``_check_fitted`` and ``_kept`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 
 from .backbone import Backbone, check_backbone
-from .datasets import Data, Preprocess, check_size, image_batches
+from .datasets import Batch, Data, Preprocess, check_size, image_batches
 from .errors import DataError, check_int, check_real
 
 Features = torch.Tensor | tuple[torch.Tensor, ...]
@@ -51,14 +51,6 @@ def check_detector_config(config: Any, layers: Sequence[str]) -> None:
     check_int("seed", config.seed, 0)
     check_int("batch_size", config.batch_size)
 
-
-
-class Detector(Protocol):
-    preprocess: Preprocess
-
-    def fit(self, data: object, progress: bool = True) -> object: ...
-
-    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -124,23 +116,30 @@ class BackboneDetector(ABC, Generic[ConfigT]):
         """``extract`` of every image, stacked into tensors allocated at the first batch."""
         n = check_not_empty(data)
         out: tuple[torch.Tensor, ...] = ()
-        start = 0
         for batch in image_batches(data, self.preprocess, self._batch_size, progress, desc):
-            feats = self.extract(batch)
+            feats = self.extract(batch.images)
             parts = feats if isinstance(feats, tuple) else (feats,)
             if not out:
                 out = tuple(torch.empty((n, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts)
             for whole, part in zip(out, parts):
-                whole[start : start + len(part)] = part
-            start += len(parts[0])
+                whole[batch.start : batch.start + len(part)] = part
         return out if isinstance(feats, tuple) else out[0]
+
+    def scored_batches(
+        self, data: Data, progress: bool = True, desc: str = "scoring"
+    ) -> Iterator[tuple[Batch, torch.Tensor, torch.Tensor]]:
+        """Each batch of ``data`` with its image scores (B,) and anomaly maps (B, H, W), in order.
+
+        The loop every prediction runs through; the fit is checked before any image is read."""
+        self._check_fitted()
+        for batch in image_batches(data, self.preprocess, self._batch_size, progress, desc):
+            scores, maps = self.score_batch(batch.images)
+            yield batch, scores, maps
 
     def predict(self, data: Data, progress: bool = True) -> Prediction:
         """Scores and maps of every image, in order."""
-        self._check_fitted()  # before any image is read
         scores, maps = [], []
-        for batch in image_batches(data, self.preprocess, self._batch_size, progress, "scoring"):
-            s, m = self.score_batch(batch)
+        for _, s, m in self.scored_batches(data, progress):
             scores.append(s)
             maps.append(m)
         return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy())

@@ -1,4 +1,4 @@
-"""Evaluation metrics: image AUROC, pixel AUROC, AUPRO, F1-optimal thresholds and result tables.
+"""Evaluation metrics: image AUROC, pixel AUROC, AUPRO and F1-optimal thresholds.
 
 A test set holds tens of millions of pixels (MVTec AD: ~30M), so the pixel metrics share one sort
 of all pixel scores and then keep only integer counts per distinct score. They are exact (no
@@ -9,20 +9,15 @@ rounded to it).
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-# What ``evaluate`` returns, with the names figures and tables print.
+# What ``compute_metrics`` returns, with the names figures and tables print.
 METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
 # MVTec AD's evaluation counts diagonally touching defect pixels as one region.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -100,7 +95,7 @@ def normalised_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float
     return min(float(np.trapezoid(pro, fpr)) / fpr_limit, 1.0)
 
 
-def evaluate(
+def compute_metrics(
     labels: ArrayLike,
     scores: ArrayLike,
     masks: ArrayLike | None = None,
@@ -240,63 +235,3 @@ def _pro_curve(r: _Ranking, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
         share = (fpr_limit - fpr[-2]) / (fpr[-1] - fpr[-2])
         fpr[-1], pro[-1] = fpr_limit, pro[-2] + share * (pro[-1] - pro[-2])
     return fpr, pro
-
-
-def write_results(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write result rows (one dict per run) as CSV or JSON, chosen by the file suffix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps([dict(row) for row in rows], indent=2, default=_builtin) + "\n")
-    elif path.suffix == ".csv":
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_columns(rows))
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        raise ValueError(f"{path}: results are written as .csv or .json, not {path.suffix or 'no suffix'}")
-    return path
-
-
-def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 4) -> str:
-    """Fixed-width text table of result rows: text left-aligned, numbers right-aligned."""
-    columns = _columns(rows)
-    cells = [[_cell(row.get(c, ""), digits) for c in columns] for row in rows]
-    widths = [max([len(c), *(len(row[i][0]) for row in cells)]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    for row in cells:
-        lines.append("  ".join(t.rjust(w) if number else t.ljust(w) for (t, number), w in zip(row, widths)))
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Every key of every row, in order of first appearance."""
-    return list(dict.fromkeys(key for row in rows for key in row))
-
-
-def _cell(value: Any, digits: int) -> tuple[str, bool]:
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.{digits}f}", True
-    return str(value), isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _builtin(value: Any) -> Any:
-    """JSON fallback: numpy scalars become Python numbers."""
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def read_paper_results(path: str | Path) -> tuple[list[dict[str, Any]], str]:
-    """Rows of a published-results CSV (numeric cells as floats) and its ``#`` comment lines (the sources)."""
-    lines = Path(path).read_text().splitlines()
-    notes = "\n".join(line.lstrip("# ") for line in lines if line.startswith("#"))
-    rows = csv.DictReader(line for line in lines if line.strip() and not line.startswith("#"))
-    return [{key: _number(value) for key, value in row.items()} for row in rows], notes
-
-
-def _number(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text

@@ -58,6 +58,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,10 +67,16 @@ from . import __version__
 from .coreset import METHODS, STARTS, select_coreset
 from .datasets import MVTEC_PREPROCESS, Data
 from .detector import BackboneDetector, Prediction, check_detector_config  # noqa: F401  (Prediction: importable here)
-from .errors import ConfigError, ModelFileError, check_choice, check_int, check_real, check_setting
+from .errors import (
+    ModelFileError,
+    check_choice,
+    check_int,
+    check_real,
+    check_setting,
+)
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
-from .scoring import anomaly_maps, image_scores, patch_scores
+from .scoring import check_reweight, scores_and_maps
 from .thresholds import pixel_quantiles
 
 FORMAT_VERSION = 1
@@ -120,10 +127,14 @@ class PatchCoreConfig:
         if eps is not None:
             check_real("projection_eps", eps, lambda v: 0 < v < 1, "None (use projection_dim) or in (0, 1)")
         check_choice("coreset_start", self.coreset_start, STARTS)
-        # Eq. 7 with b = 1: N_b(m*) holds m* alone, the weight is 1 - 1 = 0 and every image scores 0.
-        check_int("reweight_b", self.reweight_b, 2, " (eq. 7: b = 1 gives every image the score 0); "
-                  "reweight=False (CLI: --no-reweight) is eq. 6, no reweighting")
+        check_reweight(self.reweight_b)
         check_search(self.knn_backend, self.knn_index)
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        """The settings of eq. 6-7 and the maps, as ``scoring.scores_and_maps`` takes them."""
+        return {"k": self.k, "squared": self.squared, "reweight": self.reweight, "b": self.reweight_b,
+                "sigma": self.sigma}
 
     @property
     def grid_index(self) -> int:
@@ -179,11 +190,8 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
             bank, c.coreset_ratio, c.coreset_method, c.projection_dim, c.projection_eps,
             c.coreset_start, c.seed, progress,
         )
-        if c.reweight and len(picks) < 2:  # eq. 7 would score every image 0 (scoring.image_scores)
-            raise ConfigError(
-                f"coreset_ratio = {c.coreset_ratio} keeps {len(picks)} of {len(bank)} training patches, but eq. 7 "
-                "needs at least 2: raise coreset_ratio, fit on more images, or set reweight=False (eq. 6)."
-            )
+        if c.reweight:
+            check_reweight(c.reweight_b, len(picks))
         self._set_bank(bank[picks].contiguous())
         self.fit_timings = {
             "features_s": extracted - start,
@@ -233,13 +241,13 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
     @torch.inference_mode()
     def score_features(self, features: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and (B, *size) anomaly maps of patch features (B, h, w, D) (eq. 6-7)."""
-        return score_features(features, self._check_fitted(), self.config, size)
+        return scores_and_maps(features, self._check_fitted(), size, **self.config.scoring)
 
     @torch.inference_mode()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image scores (B,) and anomaly maps (B, H, W) for normalised images (eq. 6-7)."""
         index = self._check_fitted()  # before the backbone runs
-        return score_features(self.extract(images), index, self.config, tuple(images.shape[-2:]))
+        return scores_and_maps(self.extract(images), index, tuple(images.shape[-2:]), **self.config.scoring)
 
     # ---- save / load ------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -298,20 +306,6 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
             model.normal_pixel_quantiles = meta.get("normal_pixel_quantiles", {})
         model._set_bank(torch.from_numpy(bank))
         return model
-
-
-def score_features(
-    features: torch.Tensor, index: NearestNeighbors, config: PatchCoreConfig, size: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image scores (B,) and (B, *size) anomaly maps of patch features (B, h, w, D) against a bank's index.
-
-    Eq. 6 (nearest-neighbour distance of every patch, its maximum per image), eq. 7 (the
-    reweighting, if ``config.reweight``) and the maps (upsampled to ``size``, blurred by
-    ``config.sigma``): what ``PatchCore.score_features`` does, for any memory bank.
-    """
-    dist, nearest = patch_scores(features, index, config.k, config.squared)
-    scores = image_scores(features, dist, nearest, index, config.reweight, config.reweight_b)
-    return scores, anomaly_maps(dist, tuple(size), config.sigma)
 
 
 def _read_model_file(path: Path) -> tuple[np.ndarray, dict, PatchCoreConfig]:

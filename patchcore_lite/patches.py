@@ -25,7 +25,6 @@ Two ways to build it, both selectable with ``mode``:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -98,33 +97,3 @@ def _official(
     ]  # each (BHW, 1, embed_dim)
     stacked = torch.cat(per_stage, dim=1).reshape(b * h * w, 1, -1)
     return F.adaptive_avg_pool1d(stacked, target_dim).reshape(b, h, w, target_dim)
-
-
-# ---- looking at patch features (the chapters' figures) -------------------------------------------
-
-
-def principal_components(x: torch.Tensor, k: int = 2) -> np.ndarray:
-    """Coordinates (N, k) of the rows of ``x`` (N, D) along their first k principal axes.
-
-    An axis's sign is arbitrary; it is fixed so that the axis's loadings sum to >= 0,
-    which keeps the results of related inputs (e.g. feature grids) comparable.
-    """
-    x = x.double() - x.double().mean(dim=0)
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    axes = vh[:k] * torch.where(vh[:k].sum(dim=1, keepdim=True) >= 0, 1.0, -1.0)
-    return (x @ axes.T).float().numpy()
-
-
-def principal_component_map(features: torch.Tensor) -> np.ndarray:
-    """First principal component of a (h, w, D) feature grid, as an (h, w) image (``principal_components``, k = 1)."""
-    h, w, d = features.shape
-    return principal_components(features.reshape(-1, d), k=1).reshape(h, w)
-
-
-def neighbour_change(features: torch.Tensor) -> float:
-    """Mean distance between horizontally or vertically adjacent patch features of a (h, w, D) grid,
-    relative to the mean feature norm: how quickly the features change across the image."""
-    dy = torch.linalg.vector_norm(features[1:] - features[:-1], dim=-1)
-    dx = torch.linalg.vector_norm(features[:, 1:] - features[:, :-1], dim=-1)
-    scale = torch.linalg.vector_norm(features, dim=-1).mean()
-    return float(torch.cat([dy.flatten(), dx.flatten()]).mean() / scale)

@@ -15,7 +15,7 @@
   official code does not (its issues #27, #54). Default here: on, b = 9.
   b must be at least 2: N_1(m*) = {m*}, so b = 1 makes the weight 1 - 1 = 0 and
   every image scores 0. anomalib takes b = 1 to mean "no reweighting"; here it is
-  refused (``PatchCoreConfig``, ``image_scores``) and ``reweight=False`` is eq. 6.
+  refused (``check_reweight``) and ``reweight=False`` is eq. 6.
 * Anomaly map: patch scores upsampled bilinearly to the input size and
   smoothed by a Gaussian of sigma = 4 (Sec. 3.3), as the official code does with
   ``scipy.ndimage.gaussian_filter``; ours is separable and matches it.
@@ -23,15 +23,44 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from numpy.typing import ArrayLike
-from scipy.stats import kendalltau
 
 from .errors import check_int
 from .knn import NearestNeighbors
-from .metrics import image_auroc
+
+
+def scores_and_maps(
+    features: torch.Tensor,
+    index: NearestNeighbors,
+    size: tuple[int, int],
+    k: int = 1,
+    squared: bool = False,
+    reweight: bool = True,
+    b: int = 9,
+    sigma: float = 4.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image scores (B,) and (B, *size) anomaly maps of patch features (B, h, w, D) against a bank's index.
+
+    Eq. 6 (``patch_scores``: the nearest-neighbour distance of every patch; its maximum per image),
+    eq. 7 (``image_scores``: the reweighting, if ``reweight``) and the maps (``anomaly_maps``:
+    upsampled to ``size``, blurred by ``sigma``), for any memory bank. ``PatchCore`` calls it with
+    its config's settings (``PatchCoreConfig.scoring``).
+    """
+    dist, nearest = patch_scores(features, index, k, squared)
+    scores = image_scores(features, dist, nearest, index, reweight, b)
+    return scores, anomaly_maps(dist, tuple(size), sigma)
+
+
+def check_reweight(b: int, bank_size: int | None = None) -> None:
+    """Eq. 7's two conditions, checked wherever they can fail (config, fit, scoring): b >= 2, and a
+    memory bank of at least 2 vectors (``N_b(m*)`` is capped at the bank's size). Either short,
+    every image would score 0: a ConfigError says what to change."""
+    check_int("reweight_b", b, 2, " (eq. 7: b = 1 gives every image the score 0); "
+              "reweight=False (CLI: --no-reweight) is eq. 6, no reweighting")
+    if bank_size is not None:
+        check_int("memory bank size for eq. 7", bank_size, 2, ": raise coreset_ratio, fit on more images, "
+                  "or set reweight=False (CLI: --no-reweight), eq. 6")
 
 
 def patch_scores(
@@ -66,8 +95,7 @@ def image_scores(
     s_star, where = flat.max(dim=1)
     if not reweight:
         return s_star
-    check_int("reweight_b", b, 2, " (eq. 7: b = 1 gives every image the score 0); reweight=False is eq. 6")
-    check_int("memory bank size for eq. 7", len(index.bank), 2, ": raise coreset_ratio or use reweight=False")
+    check_reweight(b, len(index.bank))
     batch = torch.arange(len(flat))
     m_test = features.flatten(1, 2)[batch, where]  # (B, D) most anomalous patches
     m_star = index.bank[nearest.flatten(1)[batch, where]]  # (B, D) their nearest bank patches
@@ -123,21 +151,3 @@ def anomaly_maps(scores: torch.Tensor, size: tuple[int, int], sigma: float = 4.0
     return gaussian_blur(upsampled, sigma)
 
 
-def ranking_changes(before: ArrayLike, after: ArrayLike, labels: ArrayLike) -> dict[str, float]:
-    """How a change of image scores (e.g. eq. 7's reweighting) reorders the test images.
-
-    Kendall's tau between the two rankings, the number of image pairs whose order flips
-    (of all pairs, and of normal-anomalous pairs, the only ones AUROC counts) and both AUROCs.
-    """
-    before, after, labels = np.asarray(before, float), np.asarray(after, float), np.asarray(labels)
-    if not before.shape == after.shape == labels.shape or before.ndim != 1:
-        raise ValueError(f"need three 1-D arrays of equal length, got {before.shape}, {after.shape}, {labels.shape}")
-    i, j = np.triu_indices(len(before), k=1)
-    flipped = np.sign(before[i] - before[j]) * np.sign(after[i] - after[j]) < 0
-    return {
-        "kendall_tau": float(kendalltau(before, after).statistic),
-        "flipped_pairs": int(flipped.sum()),
-        "flipped_normal_anomalous_pairs": int((flipped & (labels[i] != labels[j])).sum()),
-        "auroc_before": image_auroc(labels, before),
-        "auroc_after": image_auroc(labels, after),
-    }

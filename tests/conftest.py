@@ -1,6 +1,6 @@
 """Shared fixtures: the real data under the package's data root, and the synthetic dataset.
 
-Real data is looked up below ``patchcore_lite.download.data_root()`` (``$PATCHCORE_DATA``,
+Real data is looked up below ``patchcore_lite.datasets.data_root()`` (``$PATCHCORE_DATA``,
 else the repository's ``data/``). A fresh clone has none, so every test that needs it
 skips cleanly when it is absent.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from patchcore_lite.download import data_root
-from patchcore_lite.synthetic import generate
+from patchcore_lite.datasets import data_root
+from patchcore_lite.teaching.synthetic import generate
 
 
 def _require(path: Path) -> Path:

@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from patchcore_lite.cfa import (
+from patchcore_lite.datasets import train_test_samples
+from patchcore_lite.errors import ConfigError, DataError
+from patchcore_lite.evaluation import evaluate, fit_evaluate
+from patchcore_lite.methods.cfa import (
     CFA,
     CFAConfig,
     PatchDescriptor,
@@ -17,10 +20,12 @@ from patchcore_lite.cfa import (
     softmin_score,
     split_indices,
 )
-from patchcore_lite.datasets import train_test_samples
-from patchcore_lite.errors import ConfigError, DataError
-from patchcore_lite.hypersphere import hypersphere_radius_view, hypersphere_toy, hypersphere_view, inside_repulsion
-from patchcore_lite.pipeline import evaluate, fit_evaluate
+from patchcore_lite.teaching.hypersphere import (
+    hypersphere_radius_view,
+    hypersphere_toy,
+    hypersphere_view,
+    inside_repulsion,
+)
 
 
 def test_losses_by_hand():

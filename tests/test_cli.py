@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from test_datasets import make_category, make_mtd, write_image
 
-from patchcore_lite.cli import build_parser, main
 from patchcore_lite.datasets import INPUT_SIZE, train_test_samples
 from patchcore_lite.errors import DataError
+from patchcore_lite.evaluation import fit_evaluate
 from patchcore_lite.model import PatchCore
-from patchcore_lite.pipeline import fit_evaluate
+from patchcore_lite.tools.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_evaluate_writes_results_with_the_search_asked_for(category: Path, tmp_p
 
 
 def test_options_reach_the_config(category: Path):
-    from patchcore_lite.cli import _config
+    from patchcore_lite.tools.cli import _config
 
     args = build_parser().parse_args(["fit", str(category), "--model", "x.npz", "--knn-index", "ivf",
                                       "--nprobe", "16", "--no-reweight", "--patch-size", "5"])
@@ -64,7 +64,7 @@ def test_options_reach_the_config(category: Path):
 
 
 def test_grid_layer_option(category: Path, capsys):
-    from patchcore_lite.cli import _config
+    from patchcore_lite.tools.cli import _config
 
     parse = build_parser().parse_args
     args = parse(["fit", str(category), "--model", "x.npz", "--layers", "layer1", "layer2", "layer3",

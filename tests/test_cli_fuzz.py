@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_datasets import make_category, make_mtd
 
-from patchcore_lite.cli import main
+from patchcore_lite.tools.cli import main
 
 # option -> (valid values, invalid values); sizes keep >= 2 memory-bank patches on the tiny category.
 OPTIONS: dict[str, tuple[list[str], list[str]]] = {

@@ -5,8 +5,15 @@ from functools import partial
 
 import pytest
 
-from patchcore_lite.compare import COLUMNS, DETECTORS, compare, comparison_row, fit_all, summarise
-from patchcore_lite.padim import Padim
+from patchcore_lite.methods.padim import Padim
+from patchcore_lite.tools.compare import (
+    COLUMNS,
+    DETECTORS,
+    compare,
+    comparison_row,
+    fit_all,
+    summarise,
+)
 
 
 def test_tiny_run_gives_complete_rows(synthetic_root):

@@ -1,128 +1,34 @@
-"""Greedy coreset (Algorithm 1): the fast path equals the plain reference loop, k-center properties, projection."""
+"""Greedy coreset (Algorithm 1): the plain loop's k-center properties, projection, random subsampling, selection.
+
+The fast path (``lazy_greedy``) is checked against the plain loop in ``test_lazy_greedy.py``."""
 
 import itertools
-import warnings
 
 import numpy as np
 import pytest
 import torch
+from banks import clustered, gen
 
-from patchcore_lite import coreset as cs
 from patchcore_lite.coreset import (
-    coreset_radius,
-    coverage_curve,
     greedy_coreset,
-    greedy_coreset_reference,
     jl_dimension,
     random_coreset,
     random_projection,
     select_coreset,
+)
+from patchcore_lite.teaching.measures import (
+    coreset_radius,
+    coverage_curve,
     worst_covered,
 )
-from patchcore_lite.synthetic import toy_point_cloud
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _clustered(n: int, d: int, k: int, seed: int, spread: float = 0.05) -> torch.Tensor:
-    g = _gen(seed)
-    centers = torch.randn(k, d, generator=g)
-    return centers[torch.randint(k, (n,), generator=g)] + spread * torch.randn(n, d, generator=g)
-
-
-def _case(seed: int) -> tuple[torch.Tensor, int]:
-    """Random bank of one of six kinds (ties, duplicates, clusters, offsets) and a pick count."""
-    g = _gen(seed)
-    n = [1, 2, 3000][seed] if seed < 3 else int(torch.randint(1, 3001, (1,), generator=g))
-    d = int(torch.randint(1, 40, (1,), generator=g))
-    kind = seed % 6
-    if kind == 0:
-        x = torch.randn(n, d, generator=g)
-    elif kind == 1:  # integer grid: many exactly equal distances
-        x = torch.randint(0, 3, (n, d), generator=g).float()
-    elif kind == 2:  # every point several times
-        x = torch.randn(max(1, n // 4), d, generator=g).repeat(4, 1)[:n]
-    elif kind == 3:
-        x = _clustered(n, d, 12, seed)
-    elif kind == 4:  # all identical
-        x = torch.full((n, d), 0.7)
-    else:  # far from the origin, small spread: the |x|^2 - 2x.c + |c|^2 form loses digits
-        x = 100 + 0.01 * torch.randn(n, d, generator=g)
-    few = min(n, 300)  # keeps the plain loop quick; n <= 300 also covers n_select = N
-    choices = [1, few, max(1, n // 20), int(torch.randint(1, few + 1, (1,), generator=g))]
-    return x, choices[seed % 4]
-
-
-@pytest.mark.parametrize("start", ["official", "single"])
-@pytest.mark.parametrize("seed", range(30))
-def test_fast_equals_plain(seed, start):
-    x, k = _case(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fast path must really run here
-        fast = greedy_coreset(x, k, start=start, seed=seed, fast=True)
-    plain = greedy_coreset(x, k, start=start, seed=seed, fast=False)
-    assert torch.equal(fast, plain)
-    assert len(fast.unique()) == k  # no point picked twice, duplicates included
-
-
-@pytest.mark.parametrize("window", [1, 3])
-@pytest.mark.parametrize("seed", range(4))
-def test_fast_equals_plain_tiny_hot_set(monkeypatch, seed, window):
-    """Tiny hot set, catch-up windows, filter chunks and compaction period: every branch runs often."""
-    monkeypatch.setattr(cs, "_HOT", 8)
-    monkeypatch.setattr(cs, "_FILTER_ELEMS", 2048)
-    monkeypatch.setattr(cs, "_COMPACT_EVERY", 2)
-    monkeypatch.setattr(cs, "_FIRST_WINDOW", window)
-    x = _clustered(600, 6, 30, seed, spread=0.3) if seed % 2 else torch.randint(0, 4, (600, 5)).float()
-    for start in ("official", "single"):
-        fast = greedy_coreset(x, 120, start=start, seed=seed)
-        assert torch.equal(fast, greedy_coreset(x, 120, start=start, seed=seed, fast=False))
-
-
-@pytest.mark.parametrize(
-    ("n", "d", "kind", "seed"),
-    [(2000, 200, "clusters", 0), (1600, 160, "duplicates", 1), (800, 64, "grid", 2), (3000, 256, "grid", 3)],
-)
-def test_reference_loop_picks_what_the_default_path_picks(n, d, kind, seed):
-    """The readable Algorithm 1 loop, on raw features, equals select_coreset (projection + fast path)
-    and greedy_coreset on the projected features, for both start rules; d = 64 < 128 is not projected."""
-    g = _gen(seed)
-    if kind == "clusters":
-        x = _clustered(n, d, 12, seed)
-    elif kind == "duplicates":  # every point four times
-        x = torch.randn(n // 4, d, generator=g).repeat(4, 1)
-    else:  # integer grid: many exactly equal distances
-        x = torch.randint(0, 3, (n, d), generator=g).float()
-    k = n // 10
-    reference = greedy_coreset_reference(x, k, seed=seed)
-    assert len(reference.unique()) == k
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the fast path must really run here
-        assert torch.equal(select_coreset(x, 0.1, seed=seed), reference)
-        projected = random_projection(x, 128, seed=seed)
-        for start in cs.STARTS:
-            expected = greedy_coreset_reference(x, k, start=start, seed=seed)
-            assert torch.equal(greedy_coreset(projected, k, start, seed=seed), expected)
-            assert torch.equal(greedy_coreset_reference(projected, k, None, start, seed=seed), expected)
-
-
-def test_fast_path_falls_back_when_kernels_differ(monkeypatch):
-    exact = cs._pair_distances
-    monkeypatch.setattr(cs, "_pair_distances", lambda *a: exact(*a) * (1 + 2**-20))
-    x = torch.randn(500, 8, generator=_gen(0))
-    with pytest.warns(RuntimeWarning, match="plain greedy loop"):
-        fast = greedy_coreset(x, 50, fast=True)
-    assert torch.equal(fast, greedy_coreset(x, 50, fast=False))
+from patchcore_lite.teaching.synthetic import toy_point_cloud
 
 
 def test_ties_pick_lowest_index():
     # All points are starts: every mean distance is 1, so index 0 goes first; then 1 and 3
     # tie at distance 1 (1 wins); then only zeros are left among 2 and 3 (2 wins).
     x = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
-    for fast in (True, False):
-        assert greedy_coreset(x, 3, num_starts=4, fast=fast).tolist() == [0, 1, 2]
+    assert greedy_coreset(x, 3, num_starts=4).tolist() == [0, 1, 2]
 
 
 def _min_dist(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -131,7 +37,7 @@ def _min_dist(points: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
 
 def test_k_center_radius_is_next_pick_distance():
     """Single start: radius after k picks = distance of pick k+1 to the first k, non-increasing."""
-    x = _clustered(400, 8, 10, 1, spread=0.4).double()
+    x = clustered(400, 8, 10, 1, spread=0.4).double()
     picks = greedy_coreset(x.float(), 40, start="single", seed=3).tolist()
     radii = [coreset_radius(x, torch.tensor(picks[:k])) for k in range(1, 40)]
     next_dist = [_min_dist(x[[p]], x[picks[:k]]).item() for k, p in enumerate(picks[1:], start=1)]
@@ -142,21 +48,21 @@ def test_k_center_radius_is_next_pick_distance():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_greedy_within_twice_optimal(seed):
-    x = torch.randn(12, 2, generator=_gen(seed), dtype=torch.float64)
+    x = torch.randn(12, 2, generator=gen(seed), dtype=torch.float64)
     optimal = min(coreset_radius(x, torch.tensor(s)) for s in itertools.combinations(range(12), 3))
     greedy = coreset_radius(x, greedy_coreset(x.float(), 3, start="single", seed=seed))
     assert greedy <= 2 * optimal + 1e-9
 
 
 def test_greedy_covers_clusters_better_than_random():
-    x = _clustered(3000, 16, 40, 0, spread=0.05)
+    x = clustered(3000, 16, 40, 0, spread=0.05)
     greedy = coreset_radius(x, select_coreset(x, 0.02, "greedy", projection_dim=8))
     rand = coreset_radius(x, select_coreset(x, 0.02, "random"))
     assert greedy < 0.5 * rand
 
 
 def test_coreset_radius_brute_force():
-    x = torch.randn(50, 3, generator=_gen(2))
+    x = torch.randn(50, 3, generator=gen(2))
     sel = torch.tensor([0, 7, 9])
     assert coreset_radius(x, sel) == pytest.approx(torch.cdist(x.double(), x[sel].double()).amin(1).max().item())
 
@@ -178,7 +84,6 @@ def test_worst_covered_is_the_farthest_point_and_the_next_greedy_pick():
         assert worst == order[k] and radius == pytest.approx(coreset_radius(points, order[:k]))
     with pytest.raises(ValueError, match="empty"):
         worst_covered(points, torch.tensor([], dtype=torch.long))
-
 
 
 def test_coverage_curve_equals_the_radius_of_every_prefix():
@@ -219,7 +124,7 @@ def test_jl_dimension_matches_sklearn_values():
 
 
 def test_projection_shape_and_determinism():
-    x = torch.randn(300, 64, generator=_gen(0))
+    x = torch.randn(300, 64, generator=gen(0))
     a = random_projection(x, 16, seed=1)
     assert a.shape == (300, 16) and a.dtype == torch.float32
     assert torch.equal(a, random_projection(x, 16, seed=1))
@@ -229,7 +134,7 @@ def test_projection_shape_and_determinism():
 
 def test_projection_preserves_distances_within_jl_eps():
     eps = 0.5
-    x = torch.randn(200, 1000, generator=_gen(4))
+    x = torch.randn(200, 1000, generator=gen(4))
     y = random_projection(x, eps=eps, seed=0)
     assert y.shape[1] == jl_dimension(200, eps)
     iu = torch.triu_indices(200, 200, 1)
@@ -243,7 +148,7 @@ def test_projection_preserves_distances_within_jl_eps():
 
 @pytest.mark.parametrize(("n", "ratio", "expected"), [(1000, 0.1, 100), (999, 0.1, 99), (5, 0.1, 1), (7, 0.5, 3)])
 def test_select_coreset_rounding(n, ratio, expected):
-    x = torch.randn(n, 4, generator=_gen(n))
+    x = torch.randn(n, 4, generator=gen(n))
     for method in ("greedy", "random"):
         picks = select_coreset(x, ratio, method)
         assert picks.dtype == torch.long and len(picks) == expected == len(picks.unique())
@@ -260,7 +165,7 @@ def test_random_coreset_deterministic():
 
 
 def test_select_coreset_projects_with_jl_eps():
-    x = torch.randn(400, 512, generator=_gen(5))
+    x = torch.randn(400, 512, generator=gen(5))
     projected = random_projection(x, eps=0.9)
     assert projected.shape[1] == jl_dimension(400, 0.9) != 128  # eps, not projection_dim, sets psi
     assert torch.equal(select_coreset(x, 0.05, eps=0.9), greedy_coreset(projected, 20))

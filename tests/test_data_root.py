@@ -4,9 +4,16 @@ from pathlib import Path
 
 import pytest
 
-from patchcore_lite import download
-from patchcore_lite.download import data_root, data_summary, dataset_label, locate, mvtec_category, writable_dir
-from patchcore_lite.synthetic import default_root
+from patchcore_lite import datasets
+from patchcore_lite.datasets import (
+    data_root,
+    data_summary,
+    dataset_label,
+    locate,
+    mvtec_category,
+    writable_dir,
+)
+from patchcore_lite.teaching.synthetic import default_root
 
 
 @pytest.fixture
@@ -21,7 +28,7 @@ def test_the_environment_variable_chooses_the_root(root: Path):
 
 def test_without_the_variable_a_checkout_uses_its_data_folder(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("PATCHCORE_DATA", raising=False)
-    repo = Path(download.__file__).resolve().parents[1]
+    repo = Path(datasets.__file__).resolve().parents[1]
     assert data_root() == repo / "data"
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from patchcore_lite.compare import DETECTORS
 from patchcore_lite.detector import BackboneDetector
+from patchcore_lite.tools.compare import DETECTORS
 
 # Random 64 x 64 inputs and random backbone weights keep all six detectors to seconds.
 TINY = {"pretrained": False, "resize": 64, "crop": None, "batch_size": 3}

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from patchcore_lite import download as dl
-from patchcore_lite.cli import main
+from patchcore_lite.datasets import MVTEC_CATEGORIES, real_datasets
+from patchcore_lite.tools import download as dl
+from patchcore_lite.tools.cli import main
 
 # A tiny MVTec AD category: 3 train/good, 1 test/good, 2 test/crack with their masks.
 TINY = {
@@ -303,13 +304,13 @@ def test_magnetic_tile_zip_from_a_local_mirror_folder(monkeypatch, tmp_path):
     assert sorted(p.name for p in (root / "magnetic_tile" / "MT_Crack" / "Imgs").iterdir()) == [
         "crack_0.jpg", "crack_0.png", "crack_1.jpg", "crack_1.png"]
     assert [p.name for p in root.iterdir()] == ["magnetic_tile"]
-    monkeypatch.setattr(dl, "data_root", lambda: root)
-    assert dl.real_datasets() == ["magnetic_tile"]
+    monkeypatch.setenv("PATCHCORE_DATA", str(root))
+    assert real_datasets() == ["magnetic_tile"]
 
 
 def test_the_registry_is_complete():
     mvtec = dl.DATASETS["mvtec_ad"]
-    assert len(mvtec.parts) == 15
+    assert tuple(mvtec.parts) == MVTEC_CATEGORIES  # the 15 categories, in the order the paper's tables use
     assert sum(sum(p.counts.values()) for p in mvtec.parts.values()) == 5354  # the paper's total
     assert sum(p.counts["train/good"] for p in mvtec.parts.values()) == 3629
     assert all(p.archive.url.endswith(f"/{p.archive.file}") for p in mvtec.parts.values())

@@ -6,7 +6,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from patchcore_lite.flipbook import Flipbook, flipbook
+from patchcore_lite.teaching.flipbook import Flipbook, flipbook
 
 
 def square_view(side: int, colour: str = "red"):

@@ -1,7 +1,5 @@
 """Metrics against hand-computed answers and slow reference implementations of their definitions."""
 
-import csv
-import json
 from bisect import bisect
 
 import numpy as np
@@ -11,14 +9,12 @@ from sklearn.metrics import roc_auc_score
 
 from patchcore_lite.metrics import (
     aupro,
-    evaluate,
+    compute_metrics,
     f1_optimal_threshold,
-    format_table,
     image_auroc,
     pixel_auroc,
     pro_curve,
     region_overlaps,
-    write_results,
 )
 
 
@@ -220,7 +216,6 @@ def test_aupro_needs_regions_and_a_valid_limit():
         aupro(masks, maps, fpr_limit=0.0)
 
 
-
 def test_region_overlaps_count_8_connected_regions():
     mask = np.zeros((6, 6), dtype=bool)
     mask[0, 0] = mask[1, 1] = True  # diagonal neighbours: one region of 2 pixels
@@ -243,57 +238,27 @@ def test_region_overlaps_average_to_the_pro_curve():
         assert [r["pixels"] for r in regions] == [4, 16]
         assert np.mean([r["overlap"] for r in regions]) == expected
 
-# evaluate and tables
+# compute_metrics and tables
 
 
 def test_evaluate_image_only_and_with_pixels():
     masks, maps = random_case(2)
     labels = masks.reshape(len(masks), -1).any(axis=1).astype(int)
     scores = maps.reshape(len(maps), -1).max(axis=1)
-    assert evaluate(labels, scores) == {"image_auroc": image_auroc(labels, scores)}
-    result = evaluate(labels, scores, masks, maps, fpr_limit=0.3)
+    assert compute_metrics(labels, scores) == {"image_auroc": image_auroc(labels, scores)}
+    result = compute_metrics(labels, scores, masks, maps, fpr_limit=0.3)
     assert result == {
         "image_auroc": image_auroc(labels, scores),
         "pixel_auroc": pixel_auroc(masks, maps),
         "aupro": aupro(masks, maps, 0.3),
     }
     # All-zero masks (e.g. anomalous images without pixel annotations): image level only.
-    assert set(evaluate(labels, scores, np.zeros_like(masks), maps)) == {"image_auroc"}
+    assert set(compute_metrics(labels, scores, np.zeros_like(masks), maps)) == {"image_auroc"}
 
 
 def test_evaluate_rejects_inconsistent_inputs():
     masks, maps = random_case(2)
     with pytest.raises(ValueError, match="labelled normal"):
-        evaluate([0, 1, 1, 0], [0.1, 0.2, 0.3, 0.4], masks, maps)
+        compute_metrics([0, 1, 1, 0], [0.1, 0.2, 0.3, 0.4], masks, maps)
     with pytest.raises(ValueError, match="both masks and maps"):
-        evaluate([0, 1, 1, 0], [0.1, 0.2, 0.3, 0.4], masks)
-
-
-ROWS = [
-    {"name": "bottle", "image_auroc": 0.99875, "aupro": 0.9},
-    {"name": "grid", "image_auroc": np.float32(0.5), "images": 78},
-]
-
-
-def test_write_results_round_trip(tmp_path):
-    with write_results(ROWS, tmp_path / "r.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["name"] for r in rows] == ["bottle", "grid"]
-    assert float(rows[0]["image_auroc"]) == 0.99875 and rows[1]["aupro"] == "" and rows[1]["images"] == "78"
-    rows = json.loads(write_results(ROWS, tmp_path / "sub" / "r.json").read_text())
-    assert rows == [
-        {"name": "bottle", "image_auroc": 0.99875, "aupro": 0.9},
-        {"name": "grid", "image_auroc": 0.5, "images": 78},
-    ]
-    with pytest.raises(ValueError, match=".csv or .json"):
-        write_results(ROWS, tmp_path / "r.txt")
-
-
-def test_format_table_aligns_columns():
-    lines = format_table(ROWS).splitlines()
-    assert lines[0].split() == ["name", "image_auroc", "aupro", "images"]
-    assert set(lines[1]) == {"-", " "}
-    assert lines[2].split() == ["bottle", "0.9988", "0.9000"]
-    # Numbers are right-aligned under their header: the column's last characters line up.
-    assert lines[2].index("0.9988") + 6 == lines[0].index("image_auroc") + len("image_auroc")
-    assert lines[3].endswith("78") and len(lines[3]) == len(lines[0])
+        compute_metrics([0, 1, 1, 0], [0.1, 0.2, 0.3, 0.4], masks)

@@ -13,10 +13,11 @@ import torch
 
 from patchcore_lite.datasets import INPUT_SIZE, ImageDataset, train_test_samples
 from patchcore_lite.errors import ConfigError, DataError, ModelFileError
+from patchcore_lite.evaluation import fit_evaluate
 from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.metrics import image_auroc
-from patchcore_lite.model import PatchCore, PatchCoreConfig, score_features
-from patchcore_lite.pipeline import fit_evaluate
+from patchcore_lite.model import PatchCore, PatchCoreConfig
+from patchcore_lite.scoring import scores_and_maps
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_score_features_scores_patch_features_against_any_bank(fitted):
     assert small_maps.shape == (2, 56, 56)
     # Without a PatchCore: the same eq. 6-7 and maps against an index built on its own.
     index = NearestNeighbors(model.memory_bank.clone(), model.config.knn_backend, model.config.knn_index)
-    other_scores, other_maps = score_features(features, index, model.config, (INPUT_SIZE, INPUT_SIZE))
+    other_scores, other_maps = scores_and_maps(features, index, (INPUT_SIZE, INPUT_SIZE), **model.config.scoring)
     torch.testing.assert_close(other_scores, scores)
     torch.testing.assert_close(other_maps, maps)
 
@@ -315,8 +316,8 @@ def test_squared_distances_score_as_the_official_code(fitted):
     index = model._check_fitted()
     plain = replace(model.config, reweight=False)
     squared = replace(plain, squared=True)
-    s_plain, m_plain = score_features(features, index, plain, (224, 224))
-    s_squared, m_squared = score_features(features, index, squared, (224, 224))
+    s_plain, m_plain = scores_and_maps(features, index, (224, 224), **plain.scoring)
+    s_squared, m_squared = scores_and_maps(features, index, (224, 224), **squared.scoring)
     torch.testing.assert_close(s_squared, s_plain.square(), rtol=1e-5, atol=1e-6)
     assert torch.equal(s_squared.argsort(), s_plain.argsort())
     assert not torch.allclose(m_squared, m_plain.square(), rtol=1e-3)  # blur of squares != square of blur

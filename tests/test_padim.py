@@ -6,9 +6,15 @@ import torch
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from patchcore_lite.errors import ConfigError
+from patchcore_lite.evaluation import fit_evaluate
+from patchcore_lite.methods.padim import (
+    Padim,
+    PadimConfig,
+    covariance,
+    mahalanobis,
+    precision_matrices,
+)
 from patchcore_lite.metrics import image_auroc
-from patchcore_lite.padim import Padim, PadimConfig, covariance, mahalanobis, precision_matrices
-from patchcore_lite.pipeline import fit_evaluate
 
 
 def _images(n: int, seed: int) -> torch.Tensor:

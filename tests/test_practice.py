@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchcore_lite.cli import main
 from patchcore_lite.datasets import INPUT_SIZE, train_test_samples
 from patchcore_lite.errors import ModelFileError
 from patchcore_lite.model import PatchCore
 from patchcore_lite.thresholds import auto_threshold, decision_rates, split_holdout
+from patchcore_lite.tools.cli import main
 
 FAST = ["--coreset-ratio", "0.05", "--batch-size", "2"]
 

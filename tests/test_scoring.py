@@ -8,7 +8,13 @@ import torch
 from patchcore_lite.errors import ConfigError
 from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.model import PatchCoreConfig
-from patchcore_lite.scoring import anomaly_maps, gaussian_blur, image_scores, patch_scores, reweight_factor
+from patchcore_lite.scoring import (
+    anomaly_maps,
+    gaussian_blur,
+    image_scores,
+    patch_scores,
+    reweight_factor,
+)
 
 
 @pytest.mark.parametrize("shape", [(2, 224, 224), (1, 5, 7), (1, 40, 3)])
@@ -75,7 +81,7 @@ def test_eq7_refuses_what_would_score_every_image_0():
     bank, feats, index = _toy()
     dist, nearest = patch_scores(feats, index)
     assert torch.equal(reweight_factor(torch.tensor([[3.0]])), torch.zeros(1))  # what b = 1 would give
-    with pytest.raises(ConfigError, match="reweight_b = 1.*reweight=False is eq. 6"):
+    with pytest.raises(ConfigError, match=r"reweight_b = 1.*reweight=False \(CLI: --no-reweight\) is eq. 6"):
         image_scores(feats, dist, nearest, index, reweight=True, b=1)
     tiny = NearestNeighbors(bank[:1], backend="torch")
     d1, n1 = patch_scores(feats, tiny)

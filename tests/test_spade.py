@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from patchcore_lite.errors import ConfigError
+from patchcore_lite.evaluation import fit_evaluate
+from patchcore_lite.methods.spade import Spade, SpadeConfig
 from patchcore_lite.metrics import image_auroc
-from patchcore_lite.pipeline import fit_evaluate
 from patchcore_lite.scoring import anomaly_maps
-from patchcore_lite.spade import Spade, SpadeConfig
 
 
 def _images(n: int, seed: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests for patchcore_lite.synthetic: determinism, exact masks, layout, regeneration, in-memory helpers,
+"""Tests for patchcore_lite.teaching.synthetic: determinism, exact masks, layout, regeneration, in-memory helpers,
 and difficulty: a default PatchCore must not solve the data (the book's comparisons need room to differ)."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from patchcore_lite import synthetic
 from patchcore_lite.datasets import (
     INPUT_SIZE,
     MVTEC_PREPROCESS,
@@ -23,9 +22,10 @@ from patchcore_lite.datasets import (
     validate_samples,
 )
 from patchcore_lite.errors import DataError
+from patchcore_lite.evaluation import Result, fit_evaluate
 from patchcore_lite.model import PatchCore
-from patchcore_lite.pipeline import Result, fit_evaluate
-from patchcore_lite.synthetic import (
+from patchcore_lite.teaching import synthetic
+from patchcore_lite.teaching.synthetic import (
     CATEGORIES,
     DEFECTS,
     ensure_synthetic,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from patchcore_lite import viz
 from patchcore_lite.metrics import aupro
+from patchcore_lite.teaching import viz
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.random((5, 16, 20, 3))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from patchcore_lite import widgets
 from patchcore_lite.datasets import INPUT_SIZE
-from patchcore_lite.experiments import patch_size_results
-from patchcore_lite.patches import neighbour_change, principal_component_map
+from patchcore_lite.teaching import widgets
+from patchcore_lite.teaching.experiments import patch_size_results
+from patchcore_lite.teaching.measures import neighbour_change, principal_component_map
 
 SIZES = (1, 3)
 
@@ -30,19 +30,19 @@ def titles(fig: Figure) -> list[str]:
 def test_results_keep_metrics_and_one_anomalous_image_per_patch_size(results):
     assert sorted(results) == list(SIZES)
     for r in results.values():
-        assert set(r["metrics"]) == {"image_auroc", "pixel_auroc", "aupro"}
-        assert all(0.5 < v <= 1 for v in r["metrics"].values()), r["metrics"]  # far better than chance
-        assert r["map"].shape == r["mask"].shape == (INPUT_SIZE, INPUT_SIZE) and r["mask"].any()
-        assert r["image"].shape == (INPUT_SIZE, INPUT_SIZE, 3) and 0 <= r["image"].min() and r["image"].max() <= 1
-        assert r["features"].shape == (INPUT_SIZE // 8, INPUT_SIZE // 8)  # the stride-8 grid
-        assert Path(r["path"]).parent.name != "good"
+        assert set(r.metrics) == {"image_auroc", "pixel_auroc", "aupro"}
+        assert all(0.5 < v <= 1 for v in r.metrics.values()), r.metrics  # far better than chance
+        assert r.map.shape == r.mask.shape == (INPUT_SIZE, INPUT_SIZE) and r.mask.any()
+        assert r.image.shape == (INPUT_SIZE, INPUT_SIZE, 3) and 0 <= r.image.min() and r.image.max() <= 1
+        assert r.feature_map.shape == (INPUT_SIZE // 8, INPUT_SIZE // 8)  # the stride-8 grid
+        assert Path(r.path).parent.name != "good"
     # The map is highest on the defect: its mean inside the mask beats the mean outside.
     r = results[3]
-    assert r["map"][r["mask"]].mean() > r["map"][~r["mask"]].mean()
+    assert r.map[r.mask].mean() > r.map[~r.mask].mean()
 
 
 def test_larger_neighbourhoods_give_smoother_features(results):
-    assert results[3]["neighbour_change"] < results[1]["neighbour_change"]
+    assert results[3].neighbour_change < results[1].neighbour_change
 
 
 def test_neighbour_change_analytic():
@@ -65,7 +65,7 @@ def test_principal_component_map_follows_the_main_direction_with_a_fixed_sign():
 def test_view_draws_features_map_and_metrics_and_returns_the_numbers(results):
     fig, numbers = widgets.patch_size_view(results, 3)
     assert isinstance(fig, Figure) and "3x3" in fig.get_suptitle()
-    assert numbers == {"patch_size": 3, **results[3]["metrics"], "neighbour_change": results[3]["neighbour_change"]}
+    assert numbers == {"patch_size": 3, **results[3].metrics, "neighbour_change": results[3].neighbour_change}
     assert titles(fig)[:3] == [
         "p = 3: patch features (1st principal component)",
         "p = 3: anomaly map",

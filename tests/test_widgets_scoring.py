@@ -9,14 +9,23 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from patchcore_lite import widgets
-from patchcore_lite.coreset import coreset_radius, select_coreset
+from patchcore_lite.coreset import select_coreset
 from patchcore_lite.datasets import INPUT_SIZE, train_test_samples
-from patchcore_lite.experiments import coreset_results, evaluate_bank, search_tradeoff, split_features
-from patchcore_lite.metrics import read_paper_results
 from patchcore_lite.model import PatchCore
-from patchcore_lite.patches import principal_components
-from patchcore_lite.scoring import ranking_changes
+from patchcore_lite.teaching import widgets
+from patchcore_lite.teaching.experiments import (
+    CoresetSweep,
+    SplitFeatures,
+    coreset_results,
+    evaluate_bank,
+    search_tradeoff,
+    split_features,
+)
+from patchcore_lite.teaching.measures import (
+    coreset_radius,
+    principal_components,
+    ranking_changes,
+)
 
 RATIOS = (0.01, 0.05, 0.2, 1.0)
 GRID, CELL = 8, 4  # fake test images: 8 x 8 patches of 4 x 4 pixels
@@ -36,7 +45,7 @@ def bank() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def test_set(bank: torch.Tensor) -> dict:
+def test_set(bank: torch.Tensor) -> SplitFeatures:
     """4 normal images (patches drawn from the bank plus noise) and 4 with a far-off 2 x 2 patch block."""
     g = torch.Generator().manual_seed(1)
     picks = torch.randint(len(bank), (8, GRID, GRID), generator=g)
@@ -44,11 +53,12 @@ def test_set(bank: torch.Tensor) -> dict:
     features[4:, 2:4, 2:4] += 25.0
     masks = np.zeros((8, GRID * CELL, GRID * CELL), dtype=bool)
     masks[4:, 2 * CELL : 4 * CELL, 2 * CELL : 4 * CELL] = True
-    return {"features": features, "labels": np.array([0] * 4 + [1] * 4), "masks": masks}
+    labels = np.array([0] * 4 + [1] * 4)
+    return SplitFeatures(features, labels, masks, images=np.zeros((8, 1, 1, 3)), defects=["x"] * 8, extract_s=0.0)
 
 
 @pytest.fixture(scope="module")
-def results(bank: torch.Tensor, test_set: dict) -> dict:
+def results(bank: torch.Tensor, test_set: SplitFeatures) -> CoresetSweep:
     return coreset_results(bank, test_set, ratios=RATIOS)
 
 
@@ -67,31 +77,31 @@ def test_coreset_sweep_uses_the_coresets_select_coreset_returns(bank, results):
     n = len(bank)
     for r in RATIOS[:-1]:
         k = int(n * r)
-        assert torch.equal(results["order"][:k], select_coreset(bank, r, seed=0))
-        assert results["by_ratio"][r]["bank_size"] == k
-        assert results["by_ratio"][r]["memory_mb"] == pytest.approx(k * bank.shape[1] * 4 / 2**20)
-    assert results["by_ratio"][1.0]["bank_size"] == n
+        assert torch.equal(results.order[:k], select_coreset(bank, r, seed=0))
+        assert results.by_ratio[r].greedy.bank_size == k
+        assert results.by_ratio[r].greedy.memory_mb == pytest.approx(k * bank.shape[1] * 4 / 2**20)
+    assert results.by_ratio[1.0].greedy.bank_size == n
 
 
 def test_coverage_radius_falls_with_the_ratio_and_greedy_beats_random(bank, results):
-    by_ratio = results["by_ratio"]
-    radii = [by_ratio[r]["radius"] for r in RATIOS]
+    by_ratio = results.by_ratio
+    radii = [by_ratio[r].radius for r in RATIOS]
     assert all(a > b for a, b in zip(radii, radii[1:])) and radii[-1] == 0.0
     for r in RATIOS[:-1]:
         k = int(len(bank) * r)
-        assert by_ratio[r]["radius"] == pytest.approx(coreset_radius(bank, results["order"][:k]), rel=1e-4)
-        assert by_ratio[r]["radius"] < by_ratio[r]["radius_random"]
+        assert by_ratio[r].radius == pytest.approx(coreset_radius(bank, results.order[:k]), rel=1e-4)
+        assert by_ratio[r].radius < by_ratio[r].radius_random
 
 
 def test_sweep_scores_the_test_set_like_the_full_bank(results, test_set):
     for r in RATIOS:
-        row = results["by_ratio"][r]
-        assert row["image_auroc"] == 1.0  # the anomalous block is far from every normal patch
-        assert row["pixel_auroc"] > 0.9 and row["search_ms_per_image"] > 0
-        assert row["scores"].shape == (8,)
+        row = results.by_ratio[r].greedy
+        assert row.metrics["image_auroc"] == 1.0  # the anomalous block is far from every normal patch
+        assert row.metrics["pixel_auroc"] > 0.9 and row.search_ms_per_image > 0
+        assert row.scores.shape == (8,)
     # A subsample can only raise nearest-neighbour distances (eq. 6 without eq. 7's weight < 1 factor).
-    full = results["by_ratio"][1.0]["scores"]
-    assert (results["by_ratio"][0.01]["scores"] >= (1 - 1 / 9) * full - 1e-4).all()
+    full = results.by_ratio[1.0].greedy.scores
+    assert (results.by_ratio[0.01].greedy.scores >= (1 - 1 / 9) * full - 1e-4).all()
 
 
 def test_coreset_view_draws_labelled_panels_and_returns_the_numbers(results):
@@ -100,14 +110,13 @@ def test_coreset_view_draws_labelled_panels_and_returns_the_numbers(results):
     assert len(fig.axes) == 4
     for ax in fig.axes:
         assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
-    row = results["by_ratio"][0.05]
+    row = results.by_ratio[0.05]
     assert numbers == {
-        "ratio": 0.05, "bank_size": row["bank_size"], "radius": row["radius"], "radius_random": row["radius_random"],
-        "image_auroc": row["image_auroc"], "pixel_auroc": row["pixel_auroc"], "aupro": row["aupro"],
-        "search_ms_per_image": row["search_ms_per_image"],
+        "ratio": 0.05, "bank_size": row.greedy.bank_size, "radius": row.radius, "radius_random": row.radius_random,
+        **row.greedy.metrics, "search_ms_per_image": row.greedy.search_ms_per_image,
     }
     bank_ax = fig.axes[0]
-    assert len(bank_ax.collections[1].get_offsets()) == row["bank_size"]  # the coreset drawn in red
+    assert len(bank_ax.collections[1].get_offsets()) == row.greedy.bank_size  # the coreset drawn in red
 
 
 def test_coreset_view_and_grid_reject_ratios_that_were_not_computed(results):
@@ -121,7 +130,7 @@ def test_coreset_view_and_grid_reject_ratios_that_were_not_computed(results):
 def test_coreset_slider_updates_the_numbers(results):
     slider = ipywidgets.SelectionSlider(options=RATIOS, value=0.01, description="ratio")
     widget = widgets.interactive_view(partial(widgets.coreset_view, results), ratio=slider)
-    assert widget.result["bank_size"] == results["by_ratio"][0.01]["bank_size"]
+    assert widget.result["bank_size"] == results.by_ratio[0.01].greedy.bank_size
     slider.value = 0.2
     assert widget.result == widgets.coreset_view(results, 0.2)[1]
 
@@ -149,19 +158,11 @@ def test_search_tradeoff_exact_and_exhaustive_searches_find_every_neighbour(bank
         "ivf, all cells": {"index": "ivf", "nlist": 4, "nprobe": 4},
         "ivfpq": {"index": "ivfpq", "nlist": 4, "m": 8, "nprobe": 4},
     }
-    rows = {row["search"]: row for row in search_tradeoff(bank, test_set, searches)}
+    rows = {row.search: row for row in search_tradeoff(bank, test_set, searches)}
     for name in ("flat", "torch", "ivf, all cells"):
-        assert rows[name]["recall_at_1"] == 1.0 and rows[name]["distance_error"] < 1e-3  # float32 rounding
-        assert rows[name]["image_auroc"] == 1.0
-    assert rows["ivfpq"]["distance_error"] > 1e-2  # product quantisation approximates distances
-
-
-def test_read_paper_results_parses_numbers_and_keeps_the_sources(tmp_path: Path):
-    path = tmp_path / "paper.csv"
-    path.write_text("# Source: a paper, Table 1.\n# second line\nmethod,image_auroc\nA,99.0\nB,n/a\n")
-    rows, notes = read_paper_results(path)
-    assert rows == [{"method": "A", "image_auroc": 99.0}, {"method": "B", "image_auroc": "n/a"}]
-    assert notes == "Source: a paper, Table 1.\nsecond line"
+        assert rows[name].recall_at_1 == 1.0 and rows[name].distance_error < 1e-3  # float32 rounding
+        assert rows[name].metrics["image_auroc"] == 1.0
+    assert rows["ivfpq"].distance_error > 1e-2  # product quantisation approximates distances
 
 
 @pytest.fixture(scope="module")
@@ -175,18 +176,18 @@ def small_model(synthetic_root: Path):
 def test_split_features_and_evaluate_bank_reproduce_patchcore_predict(small_model):
     model, _, test = small_model
     test_set = split_features(model, test)
-    assert test_set["features"].shape == (4, INPUT_SIZE // 8, INPUT_SIZE // 8, model.memory_bank.shape[1])
-    assert test_set["masks"].shape == (4, INPUT_SIZE, INPUT_SIZE) and test_set["masks"].dtype == bool
-    assert test_set["images"].shape == (4, INPUT_SIZE, INPUT_SIZE, 3) and 0 <= test_set["images"].min() <= test_set["images"].max() <= 1
-    assert test_set["labels"].tolist() == [s.label for s in test] == [0, 0, 1, 1]
+    assert test_set.features.shape == (4, INPUT_SIZE // 8, INPUT_SIZE // 8, model.memory_bank.shape[1])
+    assert test_set.masks.shape == (4, INPUT_SIZE, INPUT_SIZE) and test_set.masks.dtype == bool
+    assert test_set.images.shape == (4, INPUT_SIZE, INPUT_SIZE, 3) and 0 <= test_set.images.min() <= test_set.images.max() <= 1
+    assert test_set.labels.tolist() == [s.label for s in test] == [0, 0, 1, 1]
     row, _ = evaluate_bank(model.memory_bank, test_set, model.config)
-    np.testing.assert_allclose(row["scores"], model.predict(test, progress=False).scores, rtol=1e-5)
+    np.testing.assert_allclose(row.scores, model.predict(test, progress=False).scores, rtol=1e-5)
 
 
 def test_fitted_bank_is_in_greedy_pick_order(small_model):
     # Chapter 5 takes the first k rows of a fitted bank as the k-pick coreset.
     model, train, _ = small_model
-    full = split_features(model, train)["features"].flatten(0, 2)
+    full = split_features(model, train).features.flatten(0, 2)
     assert torch.equal(model.memory_bank, full[select_coreset(full, 0.1, seed=0)])
     smaller = select_coreset(full, 0.02, seed=0)
     assert torch.equal(model.memory_bank[: len(smaller)], full[smaller])

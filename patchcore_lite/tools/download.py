@@ -1,14 +1,7 @@
-"""Where data lives, and how real datasets get there.
+"""How real datasets reach the data root (``datasets.data_root()``).
 
-One data root serves the package, the chapters, the tests and the command line:
-
-* ``$PATCHCORE_DATA`` if it is set;
-* else the repository's ``data/`` folder, when the package runs from a source checkout;
-* else ``$XDG_DATA_HOME/patchcore_lite`` (``~/.local/share/patchcore_lite``) for an installed package.
-
-Below it each dataset has a fixed folder (``DATASETS``): ``mvtec_ad/<category>`` for a
-downloaded MVTec AD category, ``magnetic_tile`` for Magnetic Tile Defects. Nothing else
-in the package names a data location: everything asks ``data_root()`` or ``locate()``.
+Below the data root each dataset has a fixed folder (``DATASETS``): ``mvtec_ad/<category>``
+for a downloaded MVTec AD category, ``magnetic_tile`` for Magnetic Tile Defects.
 
 ``download()`` (``python -m patchcore_lite download``) fetches a dataset from its publisher
 into those folders, in the manner of d2l's ``DATA_HUB`` and torchvision's datasets: one
@@ -40,83 +33,11 @@ from urllib.request import Request, urlopen
 
 from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import DataError, DownloadError
+from .. import __version__
+from ..datasets import ENV_DATA, data_root
+from ..errors import DataError, DownloadError
 
-_PACKAGE = Path(__file__).resolve().parent
-ENV_DATA = "PATCHCORE_DATA"
 ENV_MIRROR = "PATCHCORE_MIRROR"
-
-
-def data_root() -> Path:
-    """The folder under which every dataset lives (see the module docstring); it may not exist yet."""
-    env = os.environ.get(ENV_DATA)
-    if env:
-        return Path(env).expanduser()
-    repo = _PACKAGE.parent
-    if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir():
-        return repo / "data"
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "patchcore_lite"
-
-
-def locate(*relative: str) -> Path | None:
-    """The first of the folders ``relative`` (paths below the data root) that exists, else None.
-
-    ``locate("mvtec_ad/hazelnut", "mvtec_reduced/hazelnut")`` prefers a full download
-    and falls back to the reduced development copy.
-    """
-    root = data_root()
-    return next((root / r for r in relative if (root / r).is_dir()), None)
-
-
-def writable_dir(preferred: Path, name: str) -> Path:
-    """``preferred`` if it can be written, else ``$XDG_CACHE_HOME/patchcore_lite/<name>``.
-
-    Generated data (the synthetic set) goes under the data root, unless that root is
-    read-only (a shared copy of real datasets, as on CI); then it goes to the user's cache.
-    A folder without write bits counts as read-only even for root, who could write anyway.
-    """
-    existing = next(p for p in (preferred, *preferred.parents) if p.exists())
-    if existing.is_dir() and existing.stat().st_mode & 0o222 and os.access(existing, os.W_OK):
-        preferred.mkdir(parents=True, exist_ok=True)
-        return preferred
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "patchcore_lite" / name
-    cache.mkdir(parents=True, exist_ok=True)
-    return cache
-
-
-def real_datasets() -> list[str]:
-    """The real data folders present below the data root, e.g. ``["mvtec_reduced/hazelnut", "magnetic_tile"]``."""
-    root = data_root()
-    found = ["magnetic_tile"] if (root / "magnetic_tile").is_dir() else []
-    for collection in ("mvtec_ad", "mvtec_reduced"):  # a download, then the reduced development copy
-        if (root / collection).is_dir():
-            # Hidden folders are downloads being unpacked (``.extracting-*``), not categories.
-            found += [f"{collection}/{c.name}" for c in sorted((root / collection).iterdir())
-                      if c.is_dir() and not c.name.startswith(".")]
-    return sorted(found)
-
-
-def data_summary() -> str:
-    """One line for a chapter's first output: the real data present, or how to get some."""
-    found = real_datasets()
-    if found:
-        return f"real data in {data_root()}: {', '.join(found)}"
-    return (f"no real data in {data_root()}, so this runs on synthetic data only; "
-            "to add a real category: python -m patchcore_lite download mvtec_ad hazelnut")
-
-
-def mvtec_category(name: str) -> Path | None:
-    """A real MVTec AD category below the data root: the full download if present, else the reduced copy."""
-    return locate(f"mvtec_ad/{name}", f"mvtec_reduced/{name}")
-
-
-def dataset_label(folder: Path) -> str:
-    """How a chapter names a real data folder: "MVTec AD hazelnut (reduced)", "Magnetic Tile Defects"."""
-    if folder.name == "magnetic_tile":
-        return "Magnetic Tile Defects"
-    return f"MVTec AD {folder.name}" + (" (reduced)" if folder.parent.name == "mvtec_reduced" else "")
-
 
 # ----------------------------------------------------------------------------- registry
 
@@ -156,7 +77,9 @@ class Dataset:
 
 def _mvtec_counts(folder: Path) -> dict[str, int]:
     """Images per split of one MVTec AD category; a defective image without its mask raises DataError."""
-    from .datasets import mvtec_samples  # here: it imports torch, and every chapter imports this module
+    from ..datasets import (
+        mvtec_samples,  # here: it imports torch, and every chapter imports this module
+    )
 
     test = Counter(s.label for s in mvtec_samples(folder, "test"))
     return {"train/good": len(mvtec_samples(folder, "train")), "test/good": test[0], "test/defective": test[1]}
@@ -164,7 +87,7 @@ def _mvtec_counts(folder: Path) -> dict[str, int]:
 
 def _mtd_counts(folder: Path) -> dict[str, int]:
     """Images per ``MT_<Class>`` folder; a defective image without its .png mask raises DataError."""
-    from .datasets import magnetic_tile_samples
+    from ..datasets import magnetic_tile_samples
 
     train, test = magnetic_tile_samples(folder)
     return dict(Counter(s.path.parent.parent.name for s in train + test))

@@ -8,7 +8,7 @@ cell's result is shown once (pyplot figures would be shown a second time when th
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,10 @@ from matplotlib.lines import Line2D
 from numpy.typing import ArrayLike
 from sklearn.metrics import roc_curve
 
-from .metrics import image_auroc, image_level_inputs, normalised_area, pro_curve
+from ..metrics import image_auroc, image_level_inputs, normalised_area, pro_curve
+
+# A chapter's interactive figure: settings in, the Figure and the numbers it shows out (widgets, flipbook).
+View = Callable[..., tuple[Figure, dict[str, Any]]]
 
 _MASK_COLOUR = "lime"
 _MAX_CURVE_POINTS = 4000  # a PRO curve has one point per distinct pixel score: millions

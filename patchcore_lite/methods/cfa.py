@@ -86,12 +86,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .datasets import Data, image_batches
-from .detector import BackboneDetector, check_detector_config, check_not_empty
-from .errors import DataError, check_choice, check_int, check_real
-from .metrics import evaluate
-from .patches import patch_features
-from .scoring import anomaly_maps
+from ..datasets import Data, image_batches
+from ..detector import BackboneDetector, check_detector_config, check_not_empty
+from ..errors import DataError, check_choice, check_int, check_real
+from ..metrics import compute_metrics
+from ..patches import patch_features
+from ..scoring import anomaly_maps
 
 PAPER_EPOCHS = 30
 BANKS = ("position_mean", "kmeans_ema")  # the official code's memory bank, the paper's Algorithm 1
@@ -417,7 +417,7 @@ class CFA(BackboneDetector[CFAConfig]):
     def _validation_set(self, data: Data, progress: bool) -> dict[str, torch.Tensor]:
         """Held-out normals and their cut-paste copies: features, labels and masks."""
         batches = image_batches(data, self.preprocess, self.config.batch_size, progress, "CFA validation")
-        images = torch.cat(list(batches))
+        images = torch.cat([batch.images for batch in batches])
         pasted, pasted_masks = cut_paste(images, self.config.val_anomalies, self.config.seed)
         normals = torch.zeros(len(images), *images.shape[-2:])
         return {
@@ -445,7 +445,7 @@ class CFA(BackboneDetector[CFAConfig]):
         row = {"epoch": epoch, "loss": att + rep, "l_att": att, "l_rep": rep, "radius": self.radius.item()}
         if val is not None:
             scores, maps = self._score_features(val["features"], tuple(val["masks"].shape[-2:]))
-            metrics = evaluate(val["labels"].numpy(), scores.numpy(), val["masks"].numpy(), maps.numpy())
+            metrics = compute_metrics(val["labels"].numpy(), scores.numpy(), val["masks"].numpy(), maps.numpy())
             row |= {f"val_{k}": v for k, v in metrics.items()}
             row["val_score"] = float(np.mean(list(metrics.values())))
         return row

@@ -9,7 +9,7 @@ A static page cannot recompute: chapters also draw each widget's figure at a few
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,12 +17,11 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 
-from .coreset import worst_covered
-from .metrics import METRIC_LABELS
-from .scoring import anomaly_maps, ranking_changes
-from .viz import overlay, plot_roc, png_bytes
-
-View = Callable[..., tuple[Figure, dict[str, Any]]]
+from ..metrics import METRIC_LABELS
+from ..scoring import anomaly_maps
+from .experiments import CoresetSweep, PatchSizeRun
+from .measures import ranking_changes, worst_covered
+from .viz import View, overlay, plot_roc, png_bytes
 
 
 def interactive_view(view: View, **sliders: Any) -> Any:
@@ -49,15 +48,15 @@ def interactive_view(view: View, **sliders: Any) -> Any:
     return box
 
 
-def _draw_patch_size(result: Mapping[str, Any], p: int, feature_ax: Any, map_ax: Any) -> None:
-    feature_ax.imshow(result["features"], cmap="viridis")
+def _draw_patch_size(result: PatchSizeRun, p: int, feature_ax: Any, map_ax: Any) -> None:
+    feature_ax.imshow(result.feature_map, cmap="viridis")
     feature_ax.set_title(f"p = {p}: patch features (1st principal component)")
-    feature_ax.set_xlabel(f"patch column (neighbour change {result['neighbour_change']:.2f})")
+    feature_ax.set_xlabel(f"patch column (neighbour change {result.neighbour_change:.2f})")
     feature_ax.set_ylabel("patch row")
-    overlay(result["image"], result["map"], result["mask"], ax=map_ax, title=f"p = {p}: anomaly map")
+    overlay(result.image, result.map, result.mask, ax=map_ax, title=f"p = {p}: anomaly map")
 
 
-def patch_size_view(results: Mapping[int, Mapping[str, Any]], p: int) -> tuple[Figure, dict[str, Any]]:
+def patch_size_view(results: Mapping[int, PatchSizeRun], p: int) -> tuple[Figure, dict[str, Any]]:
     """Chapter 2's widget: features, anomaly map and metrics at neighbourhood size ``p``.
 
     Returns the figure and ``{"patch_size": p, <metric>: value, "neighbour_change": value}``.
@@ -68,19 +67,19 @@ def patch_size_view(results: Mapping[int, Mapping[str, Any]], p: int) -> tuple[F
     feature_ax, map_ax, metric_ax = fig.subplots(1, 3)
     _draw_patch_size(results[p], p, feature_ax, map_ax)
     sizes = sorted(results)
-    for name in results[p]["metrics"]:
-        values = [results[q]["metrics"][name] for q in sizes]
+    for name in results[p].metrics:
+        values = [results[q].metrics[name] for q in sizes]
         metric_ax.plot(sizes, values, marker="o", label=name.replace("_", " "))
     metric_ax.axvline(p, color="grey", linestyle="--", label=f"p = {p}")
     metric_ax.set(xlabel="neighbourhood size p", ylabel="score (1 is perfect)", xticks=sizes,
                   title="Detection and localisation vs p")
     metric_ax.legend(loc="lower right")
     fig.suptitle(f"Locally aware patch features with a {p}x{p} neighbourhood")
-    numbers = {"patch_size": p, **results[p]["metrics"], "neighbour_change": results[p]["neighbour_change"]}
+    numbers = {"patch_size": p, **results[p].metrics, "neighbour_change": results[p].neighbour_change}
     return fig, numbers
 
 
-def patch_size_grid(results: Mapping[int, Mapping[str, Any]], patch_sizes: Sequence[int] | None = None) -> Figure:
+def patch_size_grid(results: Mapping[int, PatchSizeRun], patch_sizes: Sequence[int] | None = None) -> Figure:
     """The patch-size widget drawn for several p at once (one row each), for the static site."""
     sizes = list(patch_sizes) if patch_sizes is not None else sorted(results)
     missing = sorted(set(sizes) - set(results))
@@ -93,11 +92,11 @@ def patch_size_grid(results: Mapping[int, Mapping[str, Any]], patch_sizes: Seque
     return fig
 
 
-def _draw_bank(ax: Any, results: Mapping[str, Any], ratio: float, max_points: int = 6000) -> None:
+def _draw_bank(ax: Any, results: CoresetSweep, ratio: float, max_points: int = 6000) -> None:
     """PCA scatter of the whole bank (grey, subsampled for speed) with the coreset at ``ratio`` on top."""
-    pca, n = results["pca"], results["n"]
-    k = results["by_ratio"][ratio]["bank_size"]
-    picks = results["order"][:k].numpy() if k < n else np.arange(n)
+    pca, n = results.pca, results.n
+    k = results.by_ratio[ratio].greedy.bank_size
+    picks = results.order[:k].numpy() if k < n else np.arange(n)
     shown = np.random.default_rng(0).permutation(n)[:max_points]
     ax.scatter(*pca[shown].T, s=2, c="lightgrey", label=f"all {n} training patches")
     ax.scatter(*pca[picks].T, s=4 if k > 500 else 10, c="tab:red", label=f"coreset: {k} patches ({ratio:.0%})")
@@ -110,38 +109,38 @@ def _mark(ax: Any, ratio: float) -> None:
     ax.axvline(ratio, color="grey", linestyle="--", label=f"ratio {ratio:.0%}")
 
 
-def coreset_view(results: Mapping[str, Any], ratio: float) -> tuple[Figure, dict[str, Any]]:
+def coreset_view(results: CoresetSweep, ratio: float) -> tuple[Figure, dict[str, Any]]:
     """Chapter 3's widget: the coreset at ``ratio``, its coverage radius, accuracy and search time.
 
     Returns the figure and ``{"ratio", "bank_size", "radius", "radius_random", <metrics>,
     "search_ms_per_image"}`` for that ratio (greedy coreset).
     """
-    by_ratio = results["by_ratio"]
+    by_ratio = results.by_ratio
     if ratio not in by_ratio:
         raise ValueError(f"no precomputed results for ratio {ratio}; choose one of {sorted(by_ratio)}")
-    ratios, n = sorted(by_ratio), results["n"]
+    ratios, n = sorted(by_ratio), results.n
     fig = Figure(figsize=(12, 8.5), layout="constrained")
     (bank_ax, radius_ax), (metric_ax, time_ax) = fig.subplots(2, 2)
     _draw_bank(bank_ax, results, ratio)
 
-    picks = np.arange(1, len(results["order"]) + 1) / n
-    radius_ax.plot(picks, results["curves"]["greedy"], label="greedy coreset (Algorithm 1)")
-    radius_ax.plot(picks, results["curves"]["random"], label="random subsample")
+    picks = np.arange(1, len(results.order) + 1) / n
+    radius_ax.plot(picks, results.curves["greedy"], label="greedy coreset (Algorithm 1)")
+    radius_ax.plot(picks, results.curves["random"], label="random subsample")
     _mark(radius_ax, ratio)
     radius_ax.set(xscale="log", xlabel="coreset ratio (share of training patches kept)",
                   ylabel="coverage radius max_m min_c ||m - c||", title="How far the farthest patch is from the coreset")
     radius_ax.legend()
 
     for j, (name, label) in enumerate(METRIC_LABELS.items()):
-        metric_ax.plot(ratios, [by_ratio[r][name] for r in ratios], marker="o", color=f"C{j}",
+        metric_ax.plot(ratios, [by_ratio[r].greedy.metrics[name] for r in ratios], marker="o", color=f"C{j}",
                        label=f"{label} (greedy)")
-        metric_ax.plot(ratios, [by_ratio[r]["random"][name] for r in ratios], marker="x", linestyle=":",
+        metric_ax.plot(ratios, [by_ratio[r].random.metrics[name] for r in ratios], marker="x", linestyle=":",
                        color=f"C{j}", label=f"{label} (random)")
     _mark(metric_ax, ratio)
     metric_ax.set(xscale="log", xlabel="coreset ratio", ylabel="score (1 is perfect)", title="Accuracy vs coreset ratio")
     metric_ax.legend(fontsize=8, loc="lower right")
 
-    time_ax.plot(ratios, [by_ratio[r]["search_ms_per_image"] for r in ratios], marker="o",
+    time_ax.plot(ratios, [by_ratio[r].greedy.search_ms_per_image for r in ratios], marker="o",
                  label="nearest-neighbour search + scoring")
     _mark(time_ax, ratio)
     time_ax.set(xscale="log", xlabel="coreset ratio", ylabel="milliseconds per test image",
@@ -149,17 +148,17 @@ def coreset_view(results: Mapping[str, Any], ratio: float) -> tuple[Figure, dict
     time_ax.legend()
     fig.suptitle(f"Greedy coreset at {ratio:.0%} of the memory bank")
     row = by_ratio[ratio]
-    numbers = {"ratio": ratio, "bank_size": row["bank_size"], "radius": row["radius"],
-               "radius_random": row["radius_random"], **{m: row[m] for m in METRIC_LABELS if m in row},
-               "search_ms_per_image": row["search_ms_per_image"]}
+    numbers = {"ratio": ratio, "bank_size": row.greedy.bank_size, "radius": row.radius,
+               "radius_random": row.radius_random, **row.greedy.metrics,
+               "search_ms_per_image": row.greedy.search_ms_per_image}
     return fig, numbers
 
 
-def coreset_grid(results: Mapping[str, Any], ratios: Sequence[float]) -> Figure:
+def coreset_grid(results: CoresetSweep, ratios: Sequence[float]) -> Figure:
     """The coreset widget's bank view at several ratios side by side, for the static site."""
-    missing = sorted(set(ratios) - set(results["by_ratio"]))
+    missing = sorted(set(ratios) - set(results.by_ratio))
     if missing:
-        raise ValueError(f"no precomputed results for ratios {missing}; choose from {sorted(results['by_ratio'])}")
+        raise ValueError(f"no precomputed results for ratios {missing}; choose from {sorted(results.by_ratio)}")
     fig = Figure(figsize=(5 * len(ratios), 4.5), layout="constrained")
     for ax, r in zip(fig.subplots(1, len(ratios), squeeze=False)[0], ratios):
         _draw_bank(ax, results, r)
@@ -172,7 +171,7 @@ def greedy_steps_view(points: torch.Tensor, orders: Mapping[str, torch.Tensor], 
 
     ``points`` (N, 2) is the bank, ``orders`` maps a name ("greedy", "random") to a pick order of
     more than ``k`` indices. Each panel shows the picks so far, the pick ``k + 1`` (a star), and the
-    worst-covered point (Algorithm 1's objective, ``coreset.worst_covered``) with a dashed circle of
+    worst-covered point (Algorithm 1's objective, ``measures.worst_covered``) with a dashed circle of
     the coverage radius r_k around it, which reaches its nearest pick. Numbers per name:
     ``radius_<name>``, ``next_<name>`` and ``worst_<name>`` (indices into ``points``).
     """
@@ -209,7 +208,7 @@ def reweight_view(
     ``weights[b]`` (B,) are eq. 7's weights ``s / s*`` of every test image at that b, ``s_star`` (B,)
     the eq. 6 scores, ``labels`` (B,). ``picture`` holds one test image's ``image``, ``map``,
     ``mask`` and its position ``index`` in the test set. Numbers: that image's ``weight`` and
-    ``score``, the weights' ``weight_min``/``weight_max``, and ``scoring.ranking_changes`` from
+    ``score``, the weights' ``weight_min``/``weight_max``, and ``measures.ranking_changes`` from
     eq. 6 to eq. 7 at this b (Kendall tau, flipped pairs, AUROC before and after).
     """
     if b not in weights:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .cfa import cfa_loss, nearest_squared
+from ..methods.cfa import cfa_loss, nearest_squared
 
 
 @dataclass

@@ -6,12 +6,12 @@
 
 Each detector comes from ``DETECTORS``, a dict of factories that all take the
 same keyword settings (``backbone``, ``pretrained``, ``seed``, ``resize``,
-``crop``, ``device``, ...) and return an object with the ``detector.Detector``
-protocol plus ``memory_bytes``. Adding a method is one entry::
+``crop``, ``device``, ...) and return a ``detector.BackboneDetector`` (``fit``,
+``predict``, ``memory_bytes``). Adding a method is one entry::
 
     DETECTORS["PaDiM-d20"] = partial(Padim, d=20)
 
-Every detector is fit and evaluated by ``pipeline.fit_evaluate``: the same
+Every detector is fit and evaluated by ``evaluation.fit_evaluate``: the same
 train/test split, preprocessing and metrics for all.
 """
 
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from .cfa import CFA
-from .model import PatchCore
-from .padim import Padim
-from .pipeline import Result, fit_evaluate
-from .spade import Spade
+from ..evaluation import Result, fit_evaluate
+from ..methods.cfa import CFA
+from ..methods.padim import Padim
+from ..methods.spade import Spade
+from ..model import PatchCore
 
 Factory = Callable[..., Any]  # (**settings) -> Detector with memory_bytes
 
@@ -66,9 +66,7 @@ def fit_all(
     fitted = {}
     for name in names:
         detector = detectors[name](seed=seed, **settings)
-        fitted[name] = detector, fit_evaluate(
-            detector, root, name, seed, progress, keep_maps, batch_size=detector.config.batch_size
-        )
+        fitted[name] = detector, fit_evaluate(detector, root, name, seed, progress, keep_maps)
     return fitted
 
 

@@ -43,11 +43,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .download import data_root, writable_dir
-from .errors import DataError
+from ..datasets import data_root, writable_dir
+from ..errors import DataError
 
 if TYPE_CHECKING:
-    from .datasets import Preprocess
+    from ..datasets import Preprocess
 
 DEFECTS: dict[str, tuple[str, ...]] = {
     "stripes": ("hole", "misweave", "scratch", "stain"),
@@ -587,7 +587,7 @@ def _move_into_place(tmp: Path, root: Path, stamp: str) -> None:
 
 
 def default_root() -> Path:
-    """``<data root>/synthetic``, or the user's cache when the data root is read-only (``download.writable_dir``)."""
+    """``<data root>/synthetic``, or the user's cache when the data root is read-only (``datasets.writable_dir``)."""
     return writable_dir(data_root() / "synthetic", "synthetic")
 
 

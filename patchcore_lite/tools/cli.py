@@ -16,29 +16,30 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
+import torch
 
-from . import __version__
-from .coreset import METHODS
-from .datasets import (
+from .. import __version__
+from ..coreset import METHODS
+from ..datasets import (
     INPUT_SIZE,
     MTD_PREPROCESS,
     MVTEC_PREPROCESS,
+    Batch,
     Preprocess,
     dataset_kind,
     find_categories,
-    image_batches,
     list_images,
     load_image,
     train_test_samples,
 )
-from .errors import ConfigError, DataError, PatchCoreError
-from .knn import BACKENDS, INDEXES
-from .metrics import format_table, write_results
-from .model import PatchCore, PatchCoreConfig
-from .patches import MODES
-from .pipeline import Result, check_test_set, fit_evaluate
-from .synthetic import CATEGORIES
-from .thresholds import HOLDOUT, auto_threshold, check_holdout, split_holdout
+from ..errors import ConfigError, DataError, PatchCoreError
+from ..evaluation import Result, check_test_set, fit_evaluate
+from ..knn import BACKENDS, INDEXES
+from ..model import PatchCore, PatchCoreConfig
+from ..patches import MODES
+from ..teaching.synthetic import CATEGORIES
+from ..thresholds import HOLDOUT, auto_threshold, check_holdout, split_holdout
+from .tables import format_table, write_results
 
 EPILOG = """\
 Folder layouts:
@@ -146,7 +147,7 @@ def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> lis
 
 def _figures(result: Result, out: Path, preprocess: Preprocess) -> None:
     """Examples with maps and a ROC curve per category, as PNG files."""
-    from . import viz
+    from ..teaching import viz
 
     images = [preprocess.unnormalize(preprocess.image(load_image(p))) for p in result.paths]
     fig = viz.plot_examples(images, result.maps, result.masks, result.scores, result.labels,
@@ -157,7 +158,7 @@ def _figures(result: Result, out: Path, preprocess: Preprocess) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .synthetic import ensure_synthetic
+    from ..teaching.synthetic import ensure_synthetic
 
     _config(args, None)  # bad settings fail before the data is generated
     root = ensure_synthetic()
@@ -244,8 +245,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         writer = csv.writer(f)
         writer.writerows([COLUMNS, *done])
         f.flush()
-        for start in range(len(done), len(files), model.config.batch_size):
-            rows = _score_batch(model, files, start, threshold_text, args)
+        for batch, scores, maps in model.scored_batches(files[len(done):], progress=False):
+            rows = _batch_rows(model, files, len(done) + batch.start, batch, scores, maps, threshold_text, args)
             writer.writerows(rows)
             f.flush()
             for row in rows:
@@ -280,14 +281,12 @@ def _scored_rows(csv_path: Path, files: list[Path], threshold_text: str) -> list
     return done
 
 
-def _score_batch(model: PatchCore, files: list[Path], start: int, threshold_text: str,
-                 args: argparse.Namespace) -> list[tuple]:
-    """Score one batch from ``files[start]``, write its maps and overlays, and return its CSV rows."""
-    chunk = files[start : start + model.config.batch_size]
-    (images,) = image_batches(chunk, model.preprocess, len(chunk))
-    scores, maps = model.score_batch(images)
+def _batch_rows(model: PatchCore, files: list[Path], start: int, batch: Batch, scores: torch.Tensor,
+                maps: torch.Tensor, threshold_text: str, args: argparse.Namespace) -> list[tuple]:
+    """Write one scored batch's maps and overlays (its first image is ``files[start]``); return its CSV rows."""
+    chunk = files[start : start + len(batch.images)]
     rows = []
-    for i, (path, image, score, amap) in enumerate(zip(chunk, images, scores.numpy(), maps.numpy())):
+    for i, (path, image, score, amap) in enumerate(zip(chunk, batch.images, scores.numpy(), maps.numpy())):
         score_text = f"{score:.6f}"
         # Decided on the values as written, so that the CSV always agrees with itself.
         decision = "" if not threshold_text else (
@@ -305,7 +304,7 @@ def _score_batch(model: PatchCore, files: list[Path], start: int, threshold_text
 
 def _overlay_png(image: np.ndarray, amap: np.ndarray, score: float, decision: str, threshold_text: str) -> bytes:
     """The map over the image, the region at or above the threshold outlined, score and decision in the corner."""
-    from . import viz
+    from ..teaching import viz
 
     region = amap >= float(threshold_text) if threshold_text else None
     fig = viz.overlay(image, amap, region, title="", outline_label="map >= threshold")
@@ -320,7 +319,7 @@ def _contact_sheet(csv_path: Path, out: Path) -> None:
     from matplotlib.figure import Figure
     from PIL import Image
 
-    from . import viz
+    from ..teaching import viz
 
     with open(csv_path, newline="") as f:
         rows = list(csv.reader(f))[1:]

@@ -20,15 +20,12 @@ from __future__ import annotations
 import base64
 import html
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from matplotlib.figure import Figure
+from .viz import View, png_bytes
 
-from .viz import png_bytes
-
-View = Callable[..., tuple[Figure, dict[str, Any]]]
 _ids = itertools.count()
 
 

@@ -41,12 +41,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .datasets import Data
-from .detector import BackboneDetector, check_detector_config
-from .errors import check_choice, check_int
-from .knn import BACKENDS, NearestNeighbors
-from .patches import patch_features
-from .scoring import anomaly_maps
+from ..datasets import Data
+from ..detector import BackboneDetector, check_detector_config
+from ..errors import check_choice, check_int
+from ..knn import BACKENDS, NearestNeighbors
+from ..patches import patch_features
+from ..scoring import anomaly_maps
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .datasets import Data
-from .detector import BackboneDetector, check_detector_config
-from .errors import check_int, check_real, check_setting
-from .patches import patch_features
-from .scoring import anomaly_maps
+from ..datasets import Data
+from ..detector import BackboneDetector, check_detector_config
+from ..errors import check_int, check_real, check_setting
+from ..patches import patch_features
+from ..scoring import anomaly_maps
 
 _CHUNK = 512  # grid positions per covariance batch
 

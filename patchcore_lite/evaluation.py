@@ -1,9 +1,9 @@
-"""Fit a detector on a folder's normal images and evaluate it on its test set.
+"""The evaluation protocol (PatchCore, Sec. 4.1-4.2): fit on a folder's normal training images,
+score its test set, and measure image AUROC, pixel AUROC and AUPRO (``metrics``).
 
-The same loop serves PatchCore, SPADE, PaDiM and CFA: any ``detector.Detector``
-(a ``preprocess``, ``fit(data)`` and ``score_batch(images) -> (scores, maps)``).
-Every file is checked before the first image is processed, so bad input costs
-seconds, never a finished fit.
+The same loop serves PatchCore, SPADE, PaDiM and CFA: any ``detector.BackboneDetector``, scored
+through its ``scored_batches``. Every file is checked before the first image is processed, so
+bad input costs seconds, never a finished fit.
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from .datasets import ImageDataset, Sample, image_batches, train_test_samples, validate_samples
-from .detector import Detector
+from .datasets import (
+    ImageDataset,
+    Sample,
+    train_test_samples,
+    validate_samples,
+)
+from .detector import BackboneDetector
 from .errors import DataError
-from .metrics import evaluate as compute_metrics
+from .metrics import compute_metrics
 from .thresholds import auto_threshold, decision_rates, split_holdout
 
 
@@ -55,12 +58,11 @@ class Result:
 
 
 def evaluate(
-    detector: Detector,
+    detector: BackboneDetector,
     test: list[Sample] | ImageDataset,
     name: str = "",
     progress: bool = True,
     keep_maps: bool = False,
-    batch_size: int = 8,
 ) -> Result:
     """Score every test sample and compute image AUROC, pixel AUROC and AUPRO.
 
@@ -71,14 +73,12 @@ def evaluate(
         validate_samples(test)
         test = ImageDataset(test, detector.preprocess)
     samples = test.samples
-    loader = torch.utils.data.DataLoader(test, batch_size=batch_size)
     scores, maps, masks = [], [], []
     start = time.perf_counter()
-    for batch in tqdm(loader, desc=f"scoring {name}".strip(), disable=not progress, unit="batch"):
-        s, m = detector.score_batch(batch["image"])
+    for batch, s, m in detector.scored_batches(test, progress, f"scoring {name}".strip()):
         scores.append(s.numpy())
         maps.append(m.numpy().astype(np.float32))
-        masks.append(batch["mask"].numpy().astype(bool))
+        masks.append(batch.masks.numpy())
     seconds = time.perf_counter() - start
     labels = np.array([s.label for s in samples])
     all_maps, all_masks = np.concatenate(maps), np.concatenate(masks)
@@ -97,13 +97,12 @@ def evaluate(
 
 
 def fit_evaluate(
-    detector: Detector,
+    detector: BackboneDetector,
     root: str | Path,
     name: str | None = None,
     seed: int = 0,
     progress: bool = True,
     keep_maps: bool = False,
-    batch_size: int = 8,
     holdout: float = 0.0,
 ) -> Result:
     """Fit on ``root``'s normal training images, then evaluate on its test set.
@@ -120,10 +119,9 @@ def fit_evaluate(
     detector.fit(ImageDataset(train, detector.preprocess), progress=progress)
     fit_seconds = time.perf_counter() - start
     test_set = ImageDataset(test, detector.preprocess)
-    result = evaluate(detector, test_set, name or Path(root).name, progress, keep_maps, batch_size)
+    result = evaluate(detector, test_set, name or Path(root).name, progress, keep_maps)
     result.timings = {"fit_s": fit_seconds, **result.timings}
     if held:
-        normal = torch.cat([detector.score_batch(b)[0] for b in image_batches(held, detector.preprocess, batch_size)])
-        _, threshold = auto_threshold(normal.numpy())
+        _, threshold = auto_threshold(detector.predict(held, progress=False).scores)
         result.metrics.update(auto_threshold=threshold, **decision_rates(result.labels, result.scores, threshold))
     return result

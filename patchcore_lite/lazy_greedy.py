@@ -1,0 +1,221 @@
+"""Algorithm 1 fast: the greedy coreset of ``coreset.greedy_coreset``, the same indices, far fewer bytes moved.
+
+``coreset.greedy_coreset`` (the plain loop) streams the whole bank once per pick. Most of that
+work cannot change the next pick: only the points whose min-distance is near the top can be
+chosen. ``lazy_greedy_coreset`` keeps just those "hot" points up to date after each pick, with
+the plain loop's own product over a cache-sized matrix. Every other point keeps a stale
+min-distance, an upper bound below the hot threshold, so it cannot be the next pick. When the hot
+set runs dry the threshold drops and the points above it catch up with the picks they missed,
+newest first, in windows of doubling width, until they fall below it (most do, early): a matrix
+product (compute-bound, not memory-bound) filters the (point, pick) pairs with a proven rounding
+margin, and only the pairs that may lower a min-distance are recomputed with the plain arithmetic.
+Points that end far below the coverage radius are never touched again.
+
+How it stays identical to the plain loop, ties included (lowest index wins):
+
+* every min-distance that decides a pick is computed by the plain loop's arithmetic
+  (``coreset.finish`` on a dot product summed the same way), so it is the same float;
+* the filter's rounding error is bounded (``kappa``), and every pair it cannot rule out is
+  recomputed exactly; ``_kernels_match`` checks on the machine at hand that the BLAS sums each
+  dot product the same way in the batched and matrix-vector products (if not, the plain loop runs).
+
+The hot set holds ``min(HOT, max(64, N // 8))`` points (``HOT`` = 16384: 8 MB at d = 128,
+cache-sized), so below about ``8 * HOT`` points it is an eighth of the bank. ``tests/test_coreset.py``
+checks the indices against the plain loop on random and clustered banks, near-ties and duplicates.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .coreset import PICKED, distances_to, finish, greedy_coreset, greedy_start
+
+_UNIT = 2.0**-24  # float32 unit roundoff
+HOT = 16384  # points kept up to date per pick (about 8 MB at d = 128)
+_COMPACT_EVERY = 32  # picks between checks whether the hot set can shrink
+_LAG_RATIO = 1.25  # catch-up groups points whose missed-pick counts differ by < 25%
+_FILTER_ELEMS = 1 << 21  # entries of one filter matrix product (8 MB)
+_FIRST_WINDOW = 128  # catch-up: the newest 128 missed picks first, then 256, 512, ...
+
+
+def lazy_greedy_coreset(
+    projected: Tensor,
+    n_select: int,
+    start: str = "official",
+    num_starts: int = 10,
+    seed: int = 0,
+    progress: bool = False,
+) -> Tensor:
+    """``coreset.greedy_coreset``'s indices (Algorithm 1, same arguments), computed lazily.
+
+    There is no size threshold: it runs at every bank size, unless this machine's BLAS fails
+    ``_kernels_match``, and then the plain loop runs (same result, slower).
+    """
+    x, xt, xsq, picks, mindist, rng = greedy_start(projected, n_select, start, num_starts, seed)
+    if not _kernels_match(x, xt, xsq, rng):
+        return greedy_coreset(projected, n_select, start, num_starts, seed, progress)
+    del xt  # the fast path never scans the whole bank
+    bar = tqdm(total=n_select, initial=len(picks), desc="greedy coreset", disable=not progress, leave=False)
+    with torch.no_grad(), bar:
+        _LazyGreedy(x, xsq, picks, mindist, n_select).run(bar)
+    return torch.tensor(picks, dtype=torch.long)
+
+
+def _pair_distances(c: Tensor, csq: Tensor, p: Tensor, psq: Tensor) -> Tensor:
+    """Squared distances of row pairs (c[k], p[k]): a batch of (1 x d) @ (d x 1) products.
+
+    Each is a one-row matrix-vector product, summed in the order ``x[i] @ xt``
+    sums (``_kernels_match`` checks this on the machine at hand).
+    """
+    return finish(torch.bmm(c.unsqueeze(1), p.unsqueeze(2)).view(-1), psq, csq)
+
+
+def _kernels_match(x: Tensor, xt: Tensor, xsq: Tensor, rng: np.random.Generator) -> bool:
+    """True if the fast path's distance calls reproduce the plain loop's bit for bit on a sample.
+
+    The plain loop computes ``x[i] @ xt`` over the whole bank; the fast path
+    uses the same product on a gathered subset of columns and ``_pair_distances``.
+    Exactness needs the BLAS to sum each dot product the same way in all three;
+    if it does not, the plain loop runs instead (same result, slower).
+    """
+    n = len(x)
+    cols = torch.from_numpy(rng.choice(n, size=min(n, 256), replace=False))
+    sub = xt[:, cols].contiguous()
+    for i in rng.integers(n, size=2).tolist():
+        full = distances_to(x, xt, xsq, i)[cols]
+        pair = _pair_distances(x[[i]].expand(len(cols), -1), xsq[i].expand(len(cols)), x[cols], xsq[cols])
+        part = finish(x[i] @ sub, xsq[cols], xsq[i])
+        if not (torch.equal(full, pair) and torch.equal(full, part)):
+            warnings.warn("this BLAS sums dot products differently in batched and matrix-vector products: "
+                          "using the plain greedy loop (same result, slower)", RuntimeWarning, stacklevel=3)
+            return False
+    return True
+
+
+class _LazyGreedy:
+    """Greedy k-center that only keeps the points near the top up to date.
+
+    Invariant: every point outside the hot set has ``mindist < tau`` (an upper
+    bound of its true min-distance: it may not have seen the latest picks), and
+    every hot point is up to date. While the hot maximum is >= tau it is the
+    global maximum, so a pick only needs a matrix-vector product over the hot
+    set (plain arithmetic, a cache-sized scan). When the hot set runs dry, tau is
+    lowered to the ``hot_size``-th largest bound and the points above it catch
+    up with every pick they missed at once: a matrix product filters the pairs
+    (with a proven rounding margin) and the few pairs that may lower a
+    min-distance are recomputed with the plain arithmetic. Points that end up
+    far below the coverage radius are never touched again.
+    """
+
+    def __init__(self, x: Tensor, xsq: Tensor, picks: list[int], mindist: Tensor, n_select: int,
+                 hot_size: int | None = None):
+        n, d = x.shape
+        self.x, self.xsq, self.picks, self.mindist = x, xsq, picks, mindist
+        self.seen = torch.full((n,), len(picks), dtype=torch.long)  # picks applied to each point
+        # Row p . [c, |c|^2, 1] = |x_p|^2 - 2 x_p.c + |c|^2: catching up is one matrix product.
+        self.aug = torch.cat([-2 * x, torch.ones(n, 1), xsq[:, None]], dim=1)
+        self.pick_rows = torch.ones(n_select, d + 2)  # [c, |c|^2, 1], filled up to n_rows
+        self.n_rows = 0
+        self.hot_size = hot_size or min(HOT, max(64, n // 8))
+        self.tau = math.inf
+        self.hot = torch.empty(0, dtype=torch.long)
+        # Filter and plain arithmetic each give a squared distance within
+        # (d + 4) u (|x| + |c|)^2 of the exact one (sums of d + 2 terms); 2x margin.
+        self.kappa = 4 * (d + 4) * _UNIT
+
+    def run(self, bar: tqdm) -> None:
+        n_select = len(self.pick_rows)
+        while len(self.picks) < n_select:
+            self._refill()
+            self._pick_hot(n_select, bar)
+
+    def _pick_hot(self, n_select: int, bar: tqdm) -> None:
+        """Greedy picks from the hot set while its maximum is >= tau; writes the hot values back."""
+        x, xsq, picks, tau = self.x, self.xsq, self.picks, self.tau
+        ids = self.hot
+        xt, sq, r = x[ids].T.contiguous(), xsq[ids], self.mindist[ids]
+        ids_list = ids.tolist()
+        while len(picks) < n_select and len(ids_list):
+            value, j = torch.max(r, dim=0)  # first maximum, as argmax
+            if value.item() < tau:
+                break
+            i = ids_list[j.item()]
+            picks.append(i)
+            torch.minimum(r, finish(x[i] @ xt, sq, xsq[i]), out=r)
+            r[j] = PICKED
+            bar.update()
+            if len(picks) % _COMPACT_EVERY == 0:
+                keep = r >= tau
+                if 2 * int(keep.sum()) < len(ids_list):  # most are done: shrink the scan
+                    self._write_back(ids[~keep], r[~keep])
+                    ids, xt, sq, r = ids[keep], xt[:, keep], sq[keep], r[keep]
+                    ids_list = ids.tolist()
+        self._write_back(ids, r)
+
+    def _write_back(self, ids: Tensor, r: Tensor) -> None:
+        self.mindist[ids] = r
+        self.seen[ids] = len(self.picks)
+
+    def _refill(self) -> None:
+        """Lower tau to the hot_size-th largest bound; bring every point above it up to date."""
+        t = len(self.picks)
+        new = torch.tensor(self.picks[self.n_rows : t], dtype=torch.long)
+        self.pick_rows[self.n_rows : t, :-2] = self.x[new]
+        self.pick_rows[self.n_rows : t, -2] = self.xsq[new]
+        self.n_rows = t
+        k = min(self.hot_size, len(self.mindist))
+        self.tau = torch.topk(self.mindist, k, sorted=False).values.min().item()
+        above = self.mindist >= self.tau
+        self._catch_up(torch.nonzero(above & (self.seen < t)).view(-1), t)
+        self.hot = torch.nonzero(self.mindist >= self.tau).view(-1)  # ascending: ties -> lowest index
+
+    def _catch_up(self, ids: Tensor, t: int) -> None:
+        """Apply the picks each point of ``ids`` missed (exact), newest first, until it drops below tau.
+
+        Windows of missed picks double in width, newest first. A point whose
+        min-distance falls below tau leaves: its value is still an upper bound
+        below tau, all the invariant asks, and it keeps its ``seen``, so a later
+        catch-up re-applies what it skipped and what it saw (a minimum does not
+        mind repeats). On real features about 96% of the points caught up end
+        below tau, most after a few windows. The points left after every window
+        are up to date.
+        """
+        if len(ids) == 0:
+            return
+        seen = self.seen[ids]
+        # Buckets of similar lag; re-applying a pick a point has seen changes nothing.
+        bucket = torch.log((t - seen).double()).div_(math.log(_LAG_RATIO)).long()
+        for b in torch.unique(bucket).tolist():
+            members = ids[bucket == b]
+            first, end, width = int(self.seen[members].min()), t, _FIRST_WINDOW
+            while len(members) and end > first:
+                start = max(first, end - width)
+                for chunk in members.split(max(1, _FILTER_ELEMS // (end - start))):
+                    self._apply(chunk, start, end)
+                members = members[self.mindist[members] >= self.tau]
+                end, width = start, 2 * width
+            self.seen[members] = t
+
+    def _apply(self, ids: Tensor, first: int, t: int) -> None:
+        d = self.x.shape[1]
+        pending = self.pick_rows[first:t]
+        approx = self.aug[ids] @ pending.T  # (n, m) squared distances, a filter only
+        low = approx.amin(dim=1)
+        r = self.mindist[ids]
+        norm = self.xsq[ids].max().sqrt() + pending[:, -2].max().sqrt()
+        tol = self.kappa * norm.item() ** 2
+        cand = torch.nonzero(low < r + tol).view(-1)
+        if len(cand) == 0:
+            return
+        # Pairs that may lower a min-distance and may be the minimum: recompute exactly.
+        thr = torch.minimum(r[cand] + tol, low[cand] + 2 * tol)
+        pi, pj = torch.nonzero(approx[cand] <= thr[:, None], as_tuple=True)
+        pts, cs = ids[cand[pi]], pending[pj]
+        exact = _pair_distances(cs[:, :d], cs[:, d], self.x[pts], self.xsq[pts])
+        self.mindist.scatter_reduce_(0, pts, exact, "amin")

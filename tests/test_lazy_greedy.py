@@ -1,0 +1,105 @@
+"""The fast path of Algorithm 1 (``lazy_greedy``) picks exactly what the plain loop (``coreset.greedy_coreset``) picks."""
+
+import warnings
+
+import pytest
+import torch
+from banks import clustered, gen
+
+from patchcore_lite import lazy_greedy as lg
+from patchcore_lite.coreset import (
+    STARTS,
+    greedy_coreset,
+    random_projection,
+    select_coreset,
+)
+from patchcore_lite.lazy_greedy import lazy_greedy_coreset
+
+
+def _case(seed: int) -> tuple[torch.Tensor, int]:
+    """Random bank of one of six kinds (ties, duplicates, clusters, offsets) and a pick count."""
+    g = gen(seed)
+    n = [1, 2, 3000][seed] if seed < 3 else int(torch.randint(1, 3001, (1,), generator=g))
+    d = int(torch.randint(1, 40, (1,), generator=g))
+    kind = seed % 6
+    if kind == 0:
+        x = torch.randn(n, d, generator=g)
+    elif kind == 1:  # integer grid: many exactly equal distances
+        x = torch.randint(0, 3, (n, d), generator=g).float()
+    elif kind == 2:  # every point several times
+        x = torch.randn(max(1, n // 4), d, generator=g).repeat(4, 1)[:n]
+    elif kind == 3:
+        x = clustered(n, d, 12, seed)
+    elif kind == 4:  # all identical
+        x = torch.full((n, d), 0.7)
+    else:  # far from the origin, small spread: the |x|^2 - 2x.c + |c|^2 form loses digits
+        x = 100 + 0.01 * torch.randn(n, d, generator=g)
+    few = min(n, 300)  # keeps the plain loop quick; n <= 300 also covers n_select = N
+    choices = [1, few, max(1, n // 20), int(torch.randint(1, few + 1, (1,), generator=g))]
+    return x, choices[seed % 4]
+
+
+@pytest.mark.parametrize("start", ["official", "single"])
+@pytest.mark.parametrize("seed", range(30))
+def test_fast_equals_plain(seed, start):
+    x, k = _case(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast path must really run here
+        fast = lazy_greedy_coreset(x, k, start=start, seed=seed)
+    plain = greedy_coreset(x, k, start=start, seed=seed)
+    assert torch.equal(fast, plain)
+    assert len(fast.unique()) == k  # no point picked twice, duplicates included
+
+
+@pytest.mark.parametrize("window", [1, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_equals_plain_tiny_hot_set(monkeypatch, seed, window):
+    """Tiny hot set, catch-up windows, filter chunks and compaction period: every branch runs often."""
+    monkeypatch.setattr(lg, "HOT", 8)
+    monkeypatch.setattr(lg, "_FILTER_ELEMS", 2048)
+    monkeypatch.setattr(lg, "_COMPACT_EVERY", 2)
+    monkeypatch.setattr(lg, "_FIRST_WINDOW", window)
+    x = clustered(600, 6, 30, seed, spread=0.3) if seed % 2 else torch.randint(0, 4, (600, 5)).float()
+    for start in ("official", "single"):
+        fast = lazy_greedy_coreset(x, 120, start=start, seed=seed)
+        assert torch.equal(fast, greedy_coreset(x, 120, start=start, seed=seed))
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "kind", "seed"),
+    [(2000, 200, "clusters", 0), (1600, 160, "duplicates", 1), (800, 64, "grid", 2), (3000, 256, "grid", 3)],
+)
+def test_reference_loop_picks_what_the_default_path_picks(n, d, kind, seed):
+    """The readable Algorithm 1 loop on the projected features equals select_coreset (projection + fast
+    path) and the fast path on the projected features, for both start rules; d = 64 < 128 is not projected."""
+    g = gen(seed)
+    if kind == "clusters":
+        x = clustered(n, d, 12, seed)
+    elif kind == "duplicates":  # every point four times
+        x = torch.randn(n // 4, d, generator=g).repeat(4, 1)
+    else:  # integer grid: many exactly equal distances
+        x = torch.randint(0, 3, (n, d), generator=g).float()
+    k = n // 10
+    projected = random_projection(x, 128, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fast path must really run here
+        for start in STARTS:
+            expected = greedy_coreset(projected, k, start, seed=seed)
+            assert len(expected.unique()) == k
+            assert torch.equal(lazy_greedy_coreset(projected, k, start, seed=seed), expected)
+            assert torch.equal(select_coreset(x, 0.1, start=start, seed=seed), expected)
+            assert torch.equal(select_coreset(x, 0.1, start=start, seed=seed, fast=False), expected)
+
+
+def test_fast_path_falls_back_when_kernels_differ(monkeypatch):
+    exact = lg._pair_distances
+    monkeypatch.setattr(lg, "_pair_distances", lambda *a: exact(*a) * (1 + 2**-20))
+    x = torch.randn(500, 8, generator=gen(0))
+    with pytest.warns(RuntimeWarning, match="plain greedy loop"):
+        fast = lazy_greedy_coreset(x, 50)
+    assert torch.equal(fast, greedy_coreset(x, 50))
+
+
+def test_ties_pick_lowest_index_like_the_plain_loop():
+    x = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
+    assert lazy_greedy_coreset(x, 3, num_starts=4).tolist() == greedy_coreset(x, 3, num_starts=4).tolist() == [0, 1, 2]
