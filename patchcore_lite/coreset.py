@@ -102,7 +102,7 @@ def jl_dimension(n: int, eps: float) -> int:
 
 def random_coreset(n: int, n_select: int, seed: int = 0) -> Tensor:
     """Baseline: ``n_select`` distinct indices drawn uniformly from ``range(n)``."""
-    check_n_select(n, n_select)
+    _check_n_select(n, n_select)
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=g)[:n_select]
 
@@ -158,7 +158,7 @@ def check_features(features: Tensor) -> None:
         raise ValueError("features contain NaN or infinite values")
 
 
-def check_n_select(n: int, n_select: int) -> None:
+def _check_n_select(n: int, n_select: int) -> None:
     if not 1 <= n_select <= n:
         raise ValueError(f"n_select must be in [1, {n}], got {n_select}")
 
@@ -188,7 +188,7 @@ def greedy_start(
     """
     check_features(projected)
     n = len(projected)
-    check_n_select(n, n_select)
+    _check_n_select(n, n_select)
     if start not in STARTS:
         raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     if num_starts < 1:
@@ -204,11 +204,11 @@ def greedy_start(
         mindist[picks[0]] = PICKED
     else:
         starts = rng.choice(n, size=min(num_starts, n), replace=False)
-        picks, mindist = [], mean_start_distance(x, xt, xsq, starts)
+        picks, mindist = [], _mean_start_distance(x, xt, xsq, starts)
     return x, xt, xsq, picks, mindist, rng
 
 
-def mean_start_distance(x: Tensor, xt: Tensor, xsq: Tensor, starts: np.ndarray) -> Tensor:
+def _mean_start_distance(x: Tensor, xt: Tensor, xsq: Tensor, starts: np.ndarray) -> Tensor:
     """Official initialisation: (mean Euclidean distance to the starting points)^2, shape (N,)."""
     total = torch.zeros(len(x), dtype=torch.float64)
     for i in starts.tolist():
