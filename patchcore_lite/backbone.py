@@ -286,3 +286,17 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
     for _, child in children:
         fold_batchnorm(child)
     return net
+
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(name: str) -> str:
+    """``cpu``, ``cuda`` or ``auto`` (cuda when torch sees a GPU) as the torch device to run on.
+
+    ``cuda`` without a visible GPU is a ConfigError rather than torch's error at the first tensor."""
+    check_choice("device", name, DEVICES)
+    available = torch.cuda.is_available()
+    check_setting(name != "cuda" or available, "device", name,
+                  "cpu or auto: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    return "cuda" if name == "auto" and available else "cpu" if name == "auto" else name

@@ -18,7 +18,14 @@ exact backends are matrix products, so only an approximate index (``ivf``) does 
 work; ``benchmarks/bench_knn.py`` measures all.
 
 All return Euclidean distances, ascending: the root of faiss's squared L2 distances.
-The official code keeps faiss's squared distances as its scores.
+The official code keeps faiss's squared distances as its scores. Exact ties go to the lowest
+bank index (faiss does so; the torch backend sorts stably), so a bank split into shards and
+merged by (squared distance, index) gives the very same neighbours (``tools.distributed``).
+
+On a GPU (``device="cuda"``) the exact search runs there: faiss's GPU index when faiss was
+built with GPU support, else the torch backend's tiled search on the device. Its distances
+equal the CPU's within float32 rounding of a different summation order (tested to 1e-4
+relative); the indices are the same unless two bank vectors lie within that rounding.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ class NearestNeighbors:
         seed: int = 0,
         chunk_size: int = 1024,
         tile_size: int = 1024,
+        device: str | torch.device = "cpu",
     ):
         bank = torch.as_tensor(bank).float().contiguous()
         if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
@@ -68,11 +76,17 @@ class NearestNeighbors:
         if chunk_size < 1 or tile_size < 1:
             raise ValueError(f"chunk_size and tile_size must be >= 1, got {chunk_size}, {tile_size}")
         self._bank, self.backend, self.index_type = bank, backend, index
-        self.chunk_size, self.tile_size = chunk_size, tile_size
-        if backend == "torch":
-            self._bank_sq = (bank * bank).sum(dim=1)
+        self.chunk_size, self.tile_size, self.device = chunk_size, tile_size, torch.device(device)
+        if backend == "faiss" and self.device.type == "cuda" and not _faiss_gpus():
+            self.backend = "torch"  # exact on the GPU either way; faiss-cpu cannot use it
+        if self.backend == "torch":
+            self._search_bank = bank.to(self.device)
+            self._bank_sq = (self._search_bank * self._search_bank).sum(dim=1)
         else:
             self._index = _faiss_index(bank.numpy(), index, nlist, m, nprobe, seed)
+            if self.device.type == "cuda":  # the resources must outlive the index
+                self._gpu = faiss.StandardGpuResources()
+                self._index = faiss.index_cpu_to_gpu(self._gpu, self.device.index or 0, self._index)
 
     @property
     def bank(self) -> Tensor:
@@ -81,6 +95,13 @@ class NearestNeighbors:
 
     def search(self, queries: Tensor | np.ndarray, k: int = 1) -> tuple[Tensor, Tensor]:
         """Distances (N, k) float32 (Euclidean, ascending) and bank indices (N, k) int64."""
+        sq, idx = self.search_squared(queries, k)
+        return sq.clamp_min_(0).sqrt_(), idx
+
+    def search_squared(self, queries: Tensor | np.ndarray, k: int = 1) -> tuple[Tensor, Tensor]:
+        """``search`` before its root: squared distances (N, k), which may round below 0, and indices.
+
+        Shards of a bank are merged on these: two different squares can share a float32 root."""
         queries = torch.as_tensor(queries).float().contiguous()
         if queries.dim() != 2 or queries.shape[1] != self._bank.shape[1]:
             raise ValueError(f"queries must be (N, {self._bank.shape[1]}), got shape {tuple(queries.shape)}")
@@ -92,15 +113,16 @@ class NearestNeighbors:
             return self._search_torch(queries, k)
         sq, idx = self._index.search(queries.numpy(), k)
         missing = (idx < 0).any(axis=1)  # ivf: the probed lists held fewer than k vectors
-        dist, idx = torch.from_numpy(sq).clamp_min_(0).sqrt_(), torch.from_numpy(idx)
+        sq, idx = torch.from_numpy(sq), torch.from_numpy(idx)
         if missing.any():
             rows = torch.from_numpy(np.flatnonzero(missing))
-            dist[rows], idx[rows] = _exact(queries[rows], self._bank, (self._bank**2).sum(dim=1), k, self.tile_size)
-        return dist, idx
+            sq[rows], idx[rows] = _exact(queries[rows], self._bank, (self._bank**2).sum(dim=1), k, self.tile_size)
+        return sq, idx
 
     def _search_torch(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        parts = [_exact(c, self._bank, self._bank_sq, k, self.tile_size) for c in queries.split(self.chunk_size)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        parts = [_exact(c.to(self.device), self._search_bank, self._bank_sq, k, self.tile_size)
+                 for c in queries.split(self.chunk_size)]
+        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
     def __len__(self) -> int:
         return len(self._bank)
@@ -115,10 +137,12 @@ def check_search(backend: str, index: str) -> None:
 
 
 def _exact(queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int, tile: int) -> tuple[Tensor, Tensor]:
-    """k smallest Euclidean distances by |q|^2 - 2 q.b + |b|^2, the bank taken ``tile`` rows at a time.
+    """k smallest squared distances by |q|^2 - 2 q.b + |b|^2, the bank taken ``tile`` rows at a time.
 
     Each tile's (n, tile) matrix is reduced to its k smallest at once and merged
-    with the best so far, so memory is n x (tile + k), never n x M.
+    with the best so far, so memory is n x (tile + k), never n x M. Ties go to the lowest
+    index: ``min`` returns the first minimum, and for k > 1 a stable sort replaces
+    ``topk``, whose order among equal values is unspecified.
     """
     tile = max(tile, k)
     best_sq = best_idx = None
@@ -127,18 +151,27 @@ def _exact(queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int, tile: int) ->
         if k == 1:  # eq. 6's case: a minimum is cheaper than a top-k
             sq, idx = d2.min(dim=1, keepdim=True)
         else:
-            sq, idx = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False, sorted=True)
+            sq, idx = _smallest(d2, torch.arange(d2.shape[1], device=d2.device).expand_as(d2), k)
         idx += start
         if best_sq is not None and k == 1:  # merge with the best of the earlier tiles
             closer = sq < best_sq
             sq, idx = torch.where(closer, sq, best_sq), torch.where(closer, idx, best_idx)
-        elif best_sq is not None:
-            sq, pos = torch.topk(torch.cat([best_sq, sq], 1), k, dim=1, largest=False, sorted=True)
-            idx = torch.cat([best_idx, idx], 1).gather(1, pos)
+        elif best_sq is not None:  # the earlier tiles' indices are lower: first among equals
+            sq, idx = _smallest(torch.cat([best_sq, sq], 1), torch.cat([best_idx, idx], 1), k)
         best_sq, best_idx = sq, idx
     assert best_sq is not None and best_idx is not None
-    best_sq += (queries * queries).sum(dim=1, keepdim=True)
-    return best_sq.clamp_min_(0).sqrt_(), best_idx
+    return best_sq + (queries * queries).sum(dim=1, keepdim=True), best_idx
+
+
+def _smallest(sq: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest of each row of ``sq`` with their ``idx``; equal values keep their column order."""
+    sq, pos = torch.sort(sq, dim=1, stable=True)
+    return sq[:, :k], idx.gather(1, pos[:, :k])
+
+
+def _faiss_gpus() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu."""
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 def _faiss_index(bank: np.ndarray, kind: str, nlist: int | None, m: int | None, nprobe: int,

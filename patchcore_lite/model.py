@@ -155,7 +155,8 @@ class PatchCoreConfig:
 class PatchCore(BackboneDetector[PatchCoreConfig]):
     """Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
 
-    Args: as ``BackboneDetector`` (``PatchCoreConfig``); the search stays on the CPU.
+    Args: as ``BackboneDetector`` (``PatchCoreConfig``); on a GPU the exact search runs there too
+    (``knn.NearestNeighbors``), the memory bank itself stays in CPU memory.
     """
 
     config_class = PatchCoreConfig
@@ -216,7 +217,8 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
     def _set_bank(self, bank: torch.Tensor) -> None:
         c = self.config
         self.memory_bank = bank
-        self.index = NearestNeighbors(bank, c.knn_backend, c.knn_index, nprobe=c.knn_nprobe, seed=c.seed)
+        self.index = NearestNeighbors(bank, c.knn_backend, c.knn_index, nprobe=c.knn_nprobe, seed=c.seed,
+                                      device=self.device)
 
     def set_search(
         self,
