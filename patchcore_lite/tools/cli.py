@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
+from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..backbone import DEVICES, resolve_device
 from ..coreset import METHODS
 from ..datasets import (
     INPUT_SIZE,
@@ -57,6 +61,15 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_run_options(p: argparse.ArgumentParser, ray: bool = False) -> None:
+    """--device on every command that computes; --ray on those that can spread over a cluster."""
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="where the backbone and the search run; "
+                   "auto: cuda if torch sees a GPU (default: %(default)s)")
+    if ray:
+        p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run on Ray: a local instance, or the "
+                       "cluster at ADDRESS (HOST:PORT of `ray start --head`); needs `pip install ray[data]`")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -126,23 +139,42 @@ def _checked_configs(roots: list[Path], args: argparse.Namespace) -> list[PatchC
 
 
 def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> list[Result]:
-    """Fit and evaluate each category, writing results as each one finishes."""
-    results, rows = [], []
+    """Fit and evaluate each category, writing results (in category order) as each one finishes."""
+    results, rows = {}, {}
     configs = _checked_configs(roots, args)
     out.mkdir(parents=True, exist_ok=True)
-    for root, config in zip(roots, configs):
-        model = PatchCore(config, weights_path=args.weights)
+    for i, result, bank, preprocess in _category_runs(roots, configs, args):
+        results[i], rows[i] = result, result.row(memory_bank=bank)
+        table = [rows[j] for j in sorted(rows)]
+        write_results(table, out / "results.csv")  # after every category: nothing finished is lost
+        write_results(table, out / "results.json")
+        if args.figures:
+            _figures(result, out, preprocess or PatchCore(configs[i], weights_path=args.weights).preprocess)
+    print("\n" + format_table([rows[j] for j in sorted(rows)]))
+    print(f"\nresults: {out / 'results.csv'}")
+    return [results[j] for j in sorted(results)]
+
+
+def _category_runs(roots: list[Path], configs: list[PatchCoreConfig], args: argparse.Namespace
+                   ) -> Iterator[tuple[int, Result, int, Preprocess | None]]:
+    """(position, result, bank size, preprocessing if at hand) of each category as it finishes: one
+    after the other here, or as Ray tasks with ``--ray`` (the same numbers at the same thread count)."""
+    if args.ray is not None:
+        from . import distributed
+
+        threads = torch.get_num_threads()
+        print(f"Ray: {len(roots)} categories as tasks, {threads} thread(s) each")
+        with distributed.session(args.ray):
+            for i, result, bank, node in distributed.evaluate_categories(
+                    roots, configs, args.weights, args.device, args.seed, args.holdout, args.figures, threads):
+                print(f"== {roots[i].name}: done on node {node[:8]}")
+                yield i, result, bank, None
+        return
+    for i, (root, config) in enumerate(zip(roots, configs)):
+        model = PatchCore(config, weights_path=args.weights, device=args.device)
         print(f"\n== {root.name}: {model.config.backbone}, coreset {model.config.coreset_ratio:.0%}")
         result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures, holdout=args.holdout)
-        results.append(result)
-        rows.append(result.row(memory_bank=len(model.memory_bank)))
-        write_results(rows, out / "results.csv")  # after every category: nothing finished is lost
-        write_results(rows, out / "results.json")
-        if args.figures:
-            _figures(result, out, model.preprocess)
-    print("\n" + format_table(rows))
-    print(f"\nresults: {out / 'results.csv'}")
-    return results
+        yield i, result, len(model.memory_bank), model.preprocess
 
 
 def _figures(result: Result, out: Path, preprocess: Preprocess) -> None:
@@ -194,7 +226,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     images, dataset = _good_images(args.root, args.seed)
     config = _config(args, dataset)
     train, held = split_holdout(images, args.holdout, args.seed, args.root)
-    model = PatchCore(config, weights_path=args.weights).fit(train)
+    model = PatchCore(config, weights_path=args.weights, device=args.device).fit(train)
     if held:
         model.calibrate(held)
         rule, value = auto_threshold(model.normal_scores)
@@ -230,7 +262,7 @@ CONTACT_SHEET_MAX = 48
 
 def cmd_predict(args: argparse.Namespace) -> None:
     files = list_images(args.images)
-    model = PatchCore.load(args.model, weights_path=args.weights)
+    model = PatchCore.load(args.model, weights_path=args.weights, device=args.device)
     threshold = _threshold(args, model)
     threshold_text = "" if threshold is None else f"{threshold[1]:.6f}"
     for folder in (args.out, *(args.out / d for d in ("maps", "overlays") if _wants(args, d))):
@@ -245,15 +277,40 @@ def cmd_predict(args: argparse.Namespace) -> None:
         writer = csv.writer(f)
         writer.writerows([COLUMNS, *done])
         f.flush()
-        for batch, scores, maps in model.scored_batches(files[len(done):], progress=False):
-            rows = _batch_rows(model, files, len(done) + batch.start, batch, scores, maps, threshold_text, args)
-            writer.writerows(rows)
-            f.flush()
-            for row in rows:
-                print(f"{float(row[1]):10.4f}  {row[2]:9}  {row[0]}")
+        scored = len(done)
+        try:
+            for rows in _scored_rows_batches(model, files, len(done), threshold_text, args):
+                writer.writerows(rows)
+                f.flush()
+                scored += len(rows)
+                for row in rows:
+                    print(f"{float(row[1]):10.4f}  {row[2]:9}  {row[0]}")
+        except PatchCoreError as exc:
+            if args.ray is None:
+                raise
+            raise type(exc)(f"{exc}; {scored} of {len(files)} images are scored in {csv_path} (the first {scored}): "
+                            "rerun with --resume to score the rest") from None
     if args.overlays:
         _contact_sheet(csv_path, args.out)
     print(f"scores: {csv_path}" + (f", threshold {threshold_text} ({threshold[0]})" if threshold else ""))
+
+
+def _scored_rows_batches(model: PatchCore, files: list[Path], first: int, threshold_text: str,
+                         args: argparse.Namespace) -> Iterator[list[tuple]]:
+    """The CSV rows of ``files[first:]`` batch by batch, maps and overlays written: scored here, or by
+    Ray actors with ``--ray`` (the same batches, so the same bytes)."""
+    if args.ray is None:
+        for batch, scores, maps in model.scored_batches(files[first:], progress=False):
+            yield _batch_rows(model, files, first + batch.start, batch, scores, maps, threshold_text, args)
+        return
+    from . import distributed
+
+    threads = torch.get_num_threads()
+    with distributed.session(args.ray):
+        for outputs in distributed.predict_outputs(files, first, args.model, args.weights, args.device,
+                                                   model.config.batch_size, threshold_text, not args.no_maps,
+                                                   args.overlays, threads):
+            yield write_outputs(args.out, outputs)
 
 
 def _wants(args: argparse.Namespace, folder: str) -> bool:
@@ -285,21 +342,50 @@ def _batch_rows(model: PatchCore, files: list[Path], start: int, batch: Batch, s
                 maps: torch.Tensor, threshold_text: str, args: argparse.Namespace) -> list[tuple]:
     """Write one scored batch's maps and overlays (its first image is ``files[start]``); return its CSV rows."""
     chunk = files[start : start + len(batch.images)]
-    rows = []
+    outputs = batch_outputs(model, chunk, start, batch, scores, maps, threshold_text, not args.no_maps, args.overlays)
+    return write_outputs(args.out, outputs)
+
+
+@dataclass
+class ImageOutput:
+    """What predict writes for one image: its CSV row, and the bytes of its map and overlay files
+    (empty when not asked for). Made wherever the image is scored, written by this process."""
+
+    row: tuple[str, str, str, str, int, int]
+    name: str  # file stem of maps/NAME.npy and overlays/NAME.png
+    map_npy: bytes = b""
+    overlay_png: bytes = b""
+
+
+def batch_outputs(model: PatchCore, chunk: list[Path], start: int, batch: Batch, scores: torch.Tensor,
+                  maps: torch.Tensor, threshold_text: str, with_maps: bool, overlays: bool) -> list[ImageOutput]:
+    """The outputs of one scored batch, whose images are ``chunk``, the first one image ``start`` of the run."""
+    outputs = []
     for i, (path, image, score, amap) in enumerate(zip(chunk, batch.images, scores.numpy(), maps.numpy())):
         score_text = f"{score:.6f}"
         # Decided on the values as written, so that the CSV always agrees with itself.
         decision = "" if not threshold_text else (
             "anomalous" if float(score_text) >= float(threshold_text) else "good")
         row, col = np.unravel_index(int(np.argmax(amap)), amap.shape)
-        name = _name(start + i, path)
-        if not args.no_maps:
-            np.save(args.out / "maps" / f"{name}.npy", amap.astype(np.float16))
-        if args.overlays:
-            png = _overlay_png(model.preprocess.unnormalize(image), amap, score, decision, threshold_text)
-            (args.out / "overlays" / f"{name}.png").write_bytes(png)
-        rows.append((str(path), score_text, decision, threshold_text, int(row), int(col)))
-    return rows
+        out = ImageOutput((str(path), score_text, decision, threshold_text, int(row), int(col)), _name(start + i, path))
+        if with_maps:
+            buffer = io.BytesIO()
+            np.save(buffer, amap.astype(np.float16))
+            out.map_npy = buffer.getvalue()
+        if overlays:
+            out.overlay_png = _overlay_png(model.preprocess.unnormalize(image), amap, score, decision, threshold_text)
+        outputs.append(out)
+    return outputs
+
+
+def write_outputs(out: Path, outputs: list[ImageOutput]) -> list[tuple]:
+    """Write the maps and overlays of ``outputs`` into ``out``; return their CSV rows."""
+    for o in outputs:
+        if o.map_npy:
+            (out / "maps" / f"{o.name}.npy").write_bytes(o.map_npy)
+        if o.overlay_png:
+            (out / "overlays" / f"{o.name}.png").write_bytes(o.overlay_png)
+    return [o.row for o in outputs]
 
 
 def _overlay_png(image: np.ndarray, amap: np.ndarray, score: float, decision: str, threshold_text: str) -> bytes:
@@ -356,14 +442,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run end to end on the embedded synthetic data (seconds; start here)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder (default: %(default)s)")
     p.add_argument("--category", nargs="*", choices=CATEGORIES, help="only these synthetic categories")
+    _add_run_options(p)
     _add_model_options(p)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, ray=None)
 
     p = sub.add_parser("evaluate", help="fit on a folder's train/good and report AUROC / AUPRO on its test set",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path, help="an MVTec-layout category, a folder of categories, or Magnetic Tile Defects")
     p.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="results folder (default: %(default)s)")
     p.add_argument("--figures", action="store_true", help="also save example and ROC figures")
+    _add_run_options(p, ray=True)
     _add_model_options(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -371,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path, help="an MVTec-layout category, Magnetic Tile Defects, or a plain folder "
                    "of good images (searched at any depth)")
     p.add_argument("--model", type=Path, required=True, help="where to save the model, e.g. bottle.npz")
+    _add_run_options(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_fit)
 
@@ -386,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-maps", action="store_true", help="write no maps/<index>_<name>.npy (float16, input-sized: ~166 kB at 288x288)")
     p.add_argument("--overlays", action="store_true",
                    help="write overlays/<index>_<name>.png and contact_sheet.png (most anomalous first)")
+    _add_run_options(p, ray=True)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("download", help="fetch MVTec AD categories or Magnetic Tile Defects into the data root")
@@ -403,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     written) is one ``error:`` line on stderr and exit code 2, never a traceback."""
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "device"):
+            args.device = resolve_device(args.device)
         args.func(args)
     except (PatchCoreError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
