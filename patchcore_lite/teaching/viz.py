@@ -2,7 +2,9 @@
 
 Every function builds a ``matplotlib.figure.Figure`` directly instead of going through pyplot: it
 works without a display, leaves no global figure state behind, and a figure returned as a notebook
-cell's result is shown once (pyplot figures would be shown a second time when the cell ends).
+cell's result is shown once (pyplot figures would be shown a second time when the cell ends). The
+other side of that choice: a figure made earlier in a cell is not shown unless passed to ``display``
+(tests/test_book.py checks every chapter for such calls).
 """
 
 from __future__ import annotations
