@@ -242,6 +242,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         raise ConfigError(f"--model {args.model} is a folder: give the file to write, e.g. {args.model / 'model.npz'}")
     check_writable(args.model, "--model")
     images, dataset = _good_images(args.root, args.seed)
+    _refuse_writing_over(args.model, "--model", [s.path if isinstance(s, Sample) else Path(s) for s in images])
     config = _config(args, dataset)
     train, held = split_holdout(images, args.holdout, args.seed, args.root)
     validate_samples([s if isinstance(s, Sample) else Sample(Path(s), 0, "good", None) for s in images])
@@ -254,6 +255,16 @@ def cmd_fit(args: argparse.Namespace) -> None:
         if warning := threshold_warning(len(held)):
             print(warning, file=sys.stderr)
     print(f"memory bank: {len(model.memory_bank)} of {model.n_train_patches} patches; saved {model.save(args.model)}")
+
+
+def _refuse_writing_over(output: Path, what: str, inputs: list[Path]) -> None:
+    """Refuse an output path that is one of the run's inputs, or a folder holding one: writing it
+    would destroy what the run reads (``fit --model`` onto a training image)."""
+    target = output.resolve()
+    for path in inputs:
+        if path.resolve().is_relative_to(target):
+            raise ConfigError(f"{shown(output)}: {what} would overwrite {shown(path)}, which this run reads; "
+                              "choose another path.")
 
 
 def _threshold(args: argparse.Namespace, model: PatchCore) -> dict | None:
@@ -304,6 +315,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         if path.is_dir() and path.resolve() == out.resolve():
             raise ConfigError(f"{shown(out)}: --out is the image folder itself, so its maps and overlays would be "
                               f"read as images next time; use --out {shown(out / 'predictions')} or another folder.")
+    for name in OUTPUTS:  # --overwrite removes them, a new run replaces them
+        _refuse_writing_over(out / name, f"--out entry {name}", [*args.images, args.model])
     check_regular_file(args.model, "--model")
     files, unscored = list_inputs(args.images, exclude=[out])
     model = PatchCore.load(args.model, weights_path=args.weights)
