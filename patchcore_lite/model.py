@@ -52,9 +52,11 @@ vectors), so at a bottle-size bank it takes most of the inference time on a CPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import stat
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -68,11 +70,14 @@ from .coreset import METHODS, STARTS, select_coreset
 from .datasets import MVTEC_PREPROCESS, Data
 from .detector import BackboneDetector, Prediction, check_detector_config  # noqa: F401  (Prediction: importable here)
 from .errors import (
+    ConfigError,
     ModelFileError,
     check_choice,
     check_int,
     check_real,
     check_setting,
+    file_kind,
+    shown,
 )
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
@@ -178,6 +183,17 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
                                c.grid_index)
         return feats.float().cpu()
 
+    def check_patch_grid(self) -> None:
+        """Refuse a patch size larger than the patch grid (eq. 3's finest stage at this input size): every
+        neighbourhood would be mostly zero padding and every patch alike."""
+        c, pre = self.config, self.preprocess
+        side = pre.crop if pre.crop is not None else min([pre.resize] if isinstance(pre.resize, int) else pre.resize)
+        grid = side // self.backbone.strides[c.grid_index]
+        if c.patch_size > grid:
+            raise ConfigError(f"patch_size = {c.patch_size}: larger than the {grid}x{grid} patch grid of "
+                              f"{c.layers[c.grid_index]} at a {side}-pixel input; use --patch-size {grid} or less, "
+                              "or a larger --crop / --resize.")
+
     # ---- fit --------------------------------------------------------------------
     def fit(self, data: Data, progress: bool = True) -> PatchCore:
         """Build the memory bank of training patches and subsample it (Algorithm 1)."""
@@ -265,13 +281,15 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
         if self.normal_scores is not None:  # optional keys: older files without them still load
             meta["normal_scores"] = self.normal_scores.tolist()
             meta["normal_pixel_quantiles"] = self.normal_pixel_quantiles
+        bank = self.memory_bank.numpy()
+        meta["digest"] = model_digest(bank, meta)  # an edit of the bank or of any setting is refused on load
         path.parent.mkdir(parents=True, exist_ok=True)
         # A new file in the same folder, renamed into place: an existing model is replaced whole or
         # not at all. open() gives it the usual permissions (umask), where mkstemp would give 0600.
         tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             with open(tmp, "xb") as f:
-                np.savez(f, memory_bank=self.memory_bank.numpy(), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+                np.savez(f, memory_bank=bank, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
             os.replace(tmp, path)
         except BaseException:  # disk full, interrupted, path is a folder: leave nothing behind
             tmp.unlink(missing_ok=True)
@@ -287,6 +305,9 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
         """
         path = Path(path)
         bank, meta, config = _read_model_file(path)
+        if weights_path is not None and not config.pretrained:
+            raise ConfigError(f"--weights {shown(weights_path)}: {shown(path)} was fit with a random {config.backbone} "
+                              "(--random-init), which loads no weights file; drop --weights.")
         model = cls(config, weights_path=weights_path, device=device)
         if not np.isclose(model.backbone.fingerprint(), meta["backbone_fingerprint"], rtol=1e-9):
             raise ModelFileError(
@@ -300,6 +321,10 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
                 f"{list(config.layers)} ({config.feature_mode}) gives {width}: the file is damaged or was "
                 "edited. Re-create it with `python -m patchcore_lite fit`."
             )
+        if "digest" in meta and meta["digest"] != model_digest(bank, meta):  # last: the specific checks speak first
+            raise ModelFileError(f"{shown(path)}: the memory bank or settings were changed after `fit` wrote it (its "
+                                 "digest no longer matches), so its scores would not mean what its settings say. "
+                                 "Re-create it with `python -m patchcore_lite fit`.")
         model.n_train_patches = int(meta["n_train_patches"])
         if "normal_scores" in meta:
             model.normal_scores = np.array(meta["normal_scores"], dtype=np.float64)
@@ -310,6 +335,13 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
 
 def _read_model_file(path: Path) -> tuple[np.ndarray, dict, PatchCoreConfig]:
     """Bank, metadata and settings of a saved model, with a ModelFileError for anything else."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {shown(path)} does not exist") from None
+    if not stat.S_ISREG(mode):  # a FIFO blocks np.load forever, /dev/zero never ends
+        raise ModelFileError(f"{shown(path)}: the model is a {file_kind(mode)}, not a regular file; "
+                             "give the .npz file written by `python -m patchcore_lite fit`.")
     try:
         with np.load(path, allow_pickle=False) as f:
             bank = f["memory_bank"]
@@ -346,6 +378,14 @@ def _read_model_file(path: Path) -> tuple[np.ndarray, dict, PatchCoreConfig]:
     if not (isinstance(normal, list) and normal and all(_is_number(v) and np.isfinite(v) for v in normal)):
         raise ModelFileError(f"{path}: normal_scores must be a non-empty list of finite numbers. {refit}")
     return bank.astype(np.float32), meta, config
+
+
+def model_digest(bank: np.ndarray, meta: dict) -> str:
+    """SHA-256 of the bank's bytes and of the metadata (without its own digest) as canonical JSON."""
+    digest = hashlib.sha256(np.ascontiguousarray(bank).tobytes())
+    digest.update(str((bank.dtype.str, bank.shape)).encode())
+    digest.update(json.dumps({k: v for k, v in meta.items() if k != "digest"}, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 _META_KEYS = ("config", "backbone_fingerprint", "n_train_patches")  # format_version: _check_format

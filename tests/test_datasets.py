@@ -326,13 +326,25 @@ def test_missing_file(tmp_path):
 
 
 def test_mask_any_nonzero_pixel_is_anomalous(tmp_path):
-    gray = write_image(tmp_path / "g.png", np.array([[0, 1, 255]], np.uint8))
-    colour = write_image(tmp_path / "c.png", np.array([[[0, 0, 0], [0, 0, 3], [9, 0, 0]]], np.uint8))
+    gray = write_image(tmp_path / "g.png", np.array([[0, 1, 1]], np.uint8))
+    colour = write_image(tmp_path / "c.png", np.array([[[0, 0, 0], [9, 0, 3], [9, 0, 3]]], np.uint8))
     bilevel = write_image(tmp_path / "b.png", np.array([[False, True, False]]))
     assert load_mask(gray, (3, 1)).tolist() == [[False, True, True]]
     assert load_mask(colour, (3, 1)).tolist() == [[False, True, True]]
     assert load_mask(bilevel, (3, 1)).tolist() == [[False, True, False]]
     assert load_mask(gray, (3, 1)).dtype == bool
+
+
+def test_a_mask_with_a_third_value_is_refused_except_in_the_magnetic_tile_layout(tmp_path):
+    """Masks are binary (issue 21): {0, 1, 255} is refused naming the file; the published Magnetic Tile
+    Defects masks have soft edges and are read as every nonzero pixel."""
+    ramp = np.array([[0, 1, 255]], np.uint8)
+    with pytest.raises(DataError, match=r"g\.png: not a binary mask: 3 distinct values"):
+        load_mask(write_image(tmp_path / "g.png", ramp), (3, 1))
+    mtd = write_image(tmp_path / "MT_Crack" / "Imgs" / "exp1_num_1.png", ramp)
+    assert load_mask(mtd, (3, 1)).tolist() == [[False, True, True]]
+    with pytest.raises(DataError, match="its background is 1"):
+        load_mask(write_image(tmp_path / "MT_Crack" / "Imgs" / "exp1_num_2.png", np.array([[1, 2, 255]], np.uint8)), (3, 1))
 
 
 def test_mask_of_another_size_names_both_files_and_sizes(tmp_path):
