@@ -102,7 +102,7 @@ def test_an_interrupted_run_leaves_a_valid_csv_that_resume_completes(
 def test_resume_refuses_a_csv_of_other_images(full_run: Path, model_file: Path, images: list[Path], capsys):
     assert main(["predict", str(images[1]), "--model", str(model_file), "--out", str(full_run), "--resume",
                  "--threshold", "auto", "--overlays"]) == 2  # the same settings as full_run, other images
-    assert "is not from this run's images" in capsys.readouterr().err
+    assert "is not a row this run wrote" in capsys.readouterr().err
 
 
 def test_fit_on_a_plain_folder_of_good_images(synthetic_root: Path, tmp_path: Path, capsys):
