@@ -34,7 +34,7 @@ from ..datasets import (
 )
 from ..errors import ConfigError, DataError, PatchCoreError
 from ..evaluation import Result, check_test_set, fit_evaluate
-from ..knn import BACKENDS, INDEXES
+from ..knn import BACKENDS, INDEXES, backend_for
 from ..model import PatchCore, PatchCoreConfig
 from ..patches import MODES
 from ..teaching.synthetic import CATEGORIES
@@ -81,7 +81,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "instead of the paper's eq. 7 reweighting")
     g.add_argument("--squared-distances", action="store_true", help="patch scores are squared L2 distances "
                    "(official code) instead of the Euclidean distances of the paper's eq. 6")
-    g.add_argument("--knn", choices=BACKENDS, default=d.knn_backend, help="search backend (default: %(default)s)")
+    g.add_argument("--knn", choices=BACKENDS, default=None,
+                   help=f"search backend (default: {d.knn_backend} for flat search, faiss for ivf/ivfpq)")
     g.add_argument("--knn-index", choices=INDEXES, default=d.knn_index,
                    help="flat = exact; ivf, ivfpq = approximate and faster, faiss only (default: %(default)s)")
     g.add_argument("--nprobe", type=int,
@@ -110,7 +111,7 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
         resize=base.resize if args.resize is None else args.resize,
         crop=base.crop if args.crop is None else args.crop,
         patch_size=args.patch_size, feature_mode=args.feature_mode, coreset_ratio=args.coreset_ratio,
-        coreset_method=args.coreset_method, reweight=not args.no_reweight, squared=args.squared_distances, knn_backend=args.knn,
+        coreset_method=args.coreset_method, reweight=not args.no_reweight, squared=args.squared_distances, knn_backend=args.knn or backend_for(args.knn_index),
         knn_index=args.knn_index, knn_nprobe=PatchCoreConfig.knn_nprobe if args.nprobe is None else args.nprobe,
         seed=args.seed, batch_size=args.batch_size,
     )
@@ -134,6 +135,7 @@ def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> lis
         model = PatchCore(config, weights_path=args.weights)
         print(f"\n== {root.name}: {model.config.backbone}, coreset {model.config.coreset_ratio:.0%}")
         result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures, holdout=args.holdout)
+        print(f"search: {model._check_fitted().describe()}")
         results.append(result)
         rows.append(result.row(memory_bank=len(model.memory_bank)))
         write_results(rows, out / "results.csv")  # after every category: nothing finished is lost
@@ -200,6 +202,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         rule, value = auto_threshold(model.normal_scores)
         print(f"held out {len(held)} good images; --threshold auto would be {value:.4f} ({rule})")
     print(f"memory bank: {len(model.memory_bank)} of {model.n_train_patches} patches; saved {model.save(args.model)}")
+    print(f"search: {model._check_fitted().describe()}")
 
 
 def _threshold(args: argparse.Namespace, model: PatchCore) -> tuple[str, float] | None:
