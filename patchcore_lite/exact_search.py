@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -244,7 +245,8 @@ def _build_kernel() -> object | None:
 
             log.setLevel(level)
 
-            if not (Path(get_default_build_root()) / KERNEL_NAME).exists():
+            root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # + py3xx_cpu/
+            if not any(root.glob(f"{KERNEL_NAME}/*.so")) and not any(root.glob(f"*/{KERNEL_NAME}/*.so")):
                 print("exact search: compiling its AVX2 kernel (once per machine, about a minute)", file=sys.stderr)
             return load(KERNEL_NAME, [str(Path(__file__).with_name("exact_search.cpp"))],
                         extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
