@@ -4,7 +4,7 @@ Eq. 6 scores a test patch by its distance to the nearest memory-bank patch,
 ``min_m ||m_test - m||_2``; eq. 7 also needs the neighbours of that bank patch.
 Backends:
 
-* ``exact`` (the default of ``PatchCoreConfig``) ``flat``: exact search by a certified filter
+* ``exact`` ``flat`` (the default for flat search): exact search by a certified filter
   (``exact_search``): a lower bound of every distance from the bank's 32 leading principal
   components and a residual norm, then an exact re-rank of the few vectors it cannot rule out.
   Exact by an implementation-independent definition (the float32 nearest to the true squared
@@ -48,6 +48,7 @@ INDEXES = ("flat", "ivf", "ivfpq")
 class NearestNeighbors:
     """k-nearest-neighbour index over a memory bank (M, D).
 
+    ``backend`` None: ``backend_for(index)``, i.e. ``exact`` for flat search, faiss for ivf and ivfpq.
     ``nlist`` (inverted lists, default ``min(4 sqrt(M), M / 39)``: faiss wants
     39 training points per list), ``m`` (PQ sub-quantisers, default the largest
     divisor of D up to D / 4 and 64) and ``nprobe`` only matter for ``ivf`` and
@@ -57,7 +58,7 @@ class NearestNeighbors:
     def __init__(
         self,
         bank: Tensor | np.ndarray,
-        backend: str = "faiss",
+        backend: str | None = None,
         index: str = "flat",
         nlist: int | None = None,
         m: int | None = None,
@@ -66,6 +67,7 @@ class NearestNeighbors:
         chunk_size: int = 1024,
         tile_size: int = 1024,
     ):
+        backend = backend or backend_for(index)
         bank = torch.as_tensor(bank).float().contiguous()
         if bank.dim() != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
             raise ValueError(f"memory bank must be a non-empty (M, D) array, got shape {tuple(bank.shape)}")

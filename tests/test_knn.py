@@ -17,6 +17,12 @@ def _clustered(n: int, d: int, k: int, seed: int) -> torch.Tensor:
     return centers[torch.randint(k, (n,), generator=g)] + 0.3 * torch.randn(n, d, generator=g)
 
 
+def test_default_backend_is_exact_for_flat_and_faiss_for_inverted_lists():
+    bank = torch.randn(400, 8, generator=_gen(8))
+    assert NearestNeighbors(bank).backend == "exact"
+    assert NearestNeighbors(bank, index="ivf", nlist=4).backend == "faiss"
+
+
 def test_torch_and_faiss_flat_agree():
     bank, q = torch.randn(1000, 48, generator=_gen(0)), torch.randn(200, 48, generator=_gen(1))
     d1, i1 = NearestNeighbors(bank, "faiss").search(q, k=4)
@@ -26,7 +32,7 @@ def test_torch_and_faiss_flat_agree():
     assert d1.dtype == torch.float32 and i1.dtype == torch.int64
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("backend", ["exact", "faiss", "torch"])
 def test_brute_force(backend):
     bank, q = torch.randn(10, 3, generator=_gen(2)), torch.randn(4, 3, generator=_gen(3))
     dist, idx = NearestNeighbors(bank, backend).search(q, k=3)
@@ -39,7 +45,7 @@ def test_brute_force(backend):
 
 def test_query_in_bank_has_distance_zero():
     bank = torch.randn(50, 8, generator=_gen(4))
-    for backend in ("faiss", "torch"):
+    for backend in ("exact", "faiss", "torch"):
         dist, idx = NearestNeighbors(bank, backend).search(bank[[7, 3]])
         assert idx[:, 0].tolist() == [7, 3] and dist.max().item() < 1e-3
 

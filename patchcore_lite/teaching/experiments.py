@@ -24,7 +24,7 @@ import torch
 from ..coreset import greedy_coreset, random_coreset, random_projection
 from ..datasets import ImageDataset, Sample, image_batches, train_test_samples
 from ..evaluation import fit_evaluate
-from ..knn import NearestNeighbors
+from ..knn import NearestNeighbors, backend_for
 from ..metrics import compute_metrics
 from ..model import PatchCore, PatchCoreConfig
 from ..scoring import scores_and_maps
@@ -170,7 +170,9 @@ def evaluate_bank(
     ``search`` overrides ``NearestNeighbors`` settings (``backend``, ``index``, ``nlist``, ``m``, ``nprobe``).
     """
     config = config or PatchCoreConfig()
-    settings = {"backend": config.knn_backend, "index": config.knn_index, "seed": config.seed, **search}
+    kind = search.get("index", config.knn_index)
+    backend = config.knn_backend if kind == config.knn_index else backend_for(kind)
+    settings = {"backend": backend, "index": kind, "seed": config.seed, **search}
     start = time.perf_counter()
     index = NearestNeighbors(bank, **settings)
     built = time.perf_counter()
