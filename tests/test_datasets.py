@@ -494,17 +494,18 @@ def test_prefetching_gives_the_same_batches_in_the_same_order(tmp_path):
             assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
 
 
+def counted(n: int, made: list[int]):
+    """0 .. n-1, noting in ``made`` each item as it is produced."""
+    for i in range(n):
+        made.append(i)
+        yield i
+
+
 def test_prefetch_stays_at_most_depth_ahead():
     made: list[int] = []
-
-    def items():
-        for i in range(10):
-            made.append(i)
-            yield i
-
     for depth in (1, 2):
         made.clear()
-        for seen, item in enumerate(prefetched(items(), depth)):
+        for seen, item in enumerate(prefetched(counted(10, made), depth)):
             time.sleep(0.01)  # give the producer every chance to run ahead
             assert item == seen and len(made) <= seen + depth + 2  # queued + one being made
         assert made == list(range(10))
@@ -524,15 +525,9 @@ def test_an_error_in_the_decoder_surfaces_with_its_message(tmp_path):
 
 def test_closing_early_stops_the_producer():
     made: list[int] = []
-
-    def items():
-        for i in range(1000):
-            made.append(i)
-            yield i
-
-    batches = prefetched(items(), 1)
+    batches = prefetched(counted(1000, made), 1)
     assert next(batches) == 0
     batches.close()  # joins the producer
     assert len(made) <= 3
     with pytest.raises(ValueError, match="depth"):
-        next(prefetched(items(), 0))
+        next(prefetched(counted(3, made), 0))
