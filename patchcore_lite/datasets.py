@@ -42,11 +42,14 @@ import hashlib
 import json
 import numbers
 import os
+import queue
 import stat
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -57,6 +60,8 @@ from tqdm.auto import tqdm
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
 from .errors import DataError, check_setting, file_kind, shown
+
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------- where data lives
 
@@ -810,13 +815,15 @@ class Batch:
 
 
 def image_batches(
-    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = ""
+    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = "", prefetch: int = 1
 ) -> Iterator[Batch]:
     """The package's one batch loop: ``Batch``es from tensors, an ``ImageDataset``, samples or paths, in order.
 
     Every detector's ``fit`` and ``predict``, the evaluation, the command line, the chapters'
     experiments and the benchmarks read images through it. Files are checked before the first
     batch, so a bad image stops the run before any work is done rather than halfway through it.
+    Image files are decoded ``prefetch`` batches ahead by a background thread (``prefetched``), so
+    decoding overlaps the network and the search; 0 decodes in the caller's thread.
     """
     if isinstance(data, torch.Tensor):
         parts: Iterable = ((chunk, None) for chunk in data.split(batch_size))
@@ -827,9 +834,62 @@ def image_batches(
             validate_samples(samples)
             data = ImageDataset(samples, preprocess)
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-        parts = ((b["image"], b["mask"].bool()) if isinstance(b, dict) else (b, None) for b in loader)
+        decoded = ((b["image"], b["mask"].bool()) if isinstance(b, dict) else (b, None) for b in loader)
+        parts = prefetched(decoded, prefetch) if prefetch else decoded
         total = len(loader)
     start = 0
     for images, masks in tqdm(parts, total=total, desc=desc, disable=not progress, unit="batch"):
         yield Batch(images, masks, start)
         start += len(images)
+
+
+@dataclass
+class _Failed:
+    """An exception raised while producing, carried to the consumer."""
+
+    error: BaseException
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """The items of ``items``, in order, produced by a background thread at most ``depth`` items ahead.
+
+    Memory stays bounded (``depth`` items queued, one in the making); an exception in the
+    producer is raised again here, with its message and traceback; closing this generator early
+    stops the producer at its next item.
+    """
+    if depth < 1:
+        raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(_DONE)
+        except BaseException as exc:  # noqa: BLE001  (carried to the consumer, raised there)
+            offer(_Failed(exc))
+
+    worker = threading.Thread(target=produce, name="patchcore_lite-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join()

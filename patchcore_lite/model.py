@@ -24,7 +24,7 @@ coreset_start     official             10 random starts, official
 k                 1                    paper eq. 6, all official runs
 reweight, b       True, 9              paper eq. 7, b as anomalib (official: off)
 sigma             4                    paper Sec. 3.3 / official
-knn               faiss flat           official (exact L2)
+knn               faiss flat           official (exact L2); ``exact`` = the same by a certified filter
 knn_nprobe        16                   ivf/ivfpq only; chosen on MTD (RESULTS.md)
 squared           False                paper eq. 6 (Euclidean); True = official (squared L2)
 ================  ===================  =============================================
@@ -46,6 +46,9 @@ change the upsampled, blurred maps (and the means over k > 1 neighbours).
 
 Search: exact search costs ``2 N M D`` flops per image (N test patches, M bank
 vectors), so at a bottle-size bank it takes most of the inference time on a CPU.
+``knn_backend="exact"`` returns the same nearest neighbours with far fewer flops: a certified
+lower bound from 32 principal components rules out almost every bank vector, and the rest are
+re-ranked exactly (``exact_search``; the default ``faiss`` is the official code's ``IndexFlatL2``).
 ``knn_index="ivf"`` (approximate, faiss inverted lists) does less work;
 ``benchmarks/bench_knn.py --dataset`` measures its speed and what it costs in accuracy.
 """
@@ -277,6 +280,7 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
             "config": asdict(self.config),
             "backbone_fingerprint": self.backbone.fingerprint(),
             "n_train_patches": self.n_train_patches,
+            "search": self.index.describe() if self.index else "",  # which path ran; informative, not read back
         }
         if self.normal_scores is not None:  # optional keys: older files without them still load
             meta["normal_scores"] = self.normal_scores.tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from patchcore_lite.datasets import (
     Sample,
     dataset_kind,
     find_categories,
+    image_batches,
     list_images,
     load_image,
     load_mask,
     magnetic_tile_samples,
     mvtec_samples,
+    prefetched,
     protocol,
     train_test_samples,
     validate_samples,
@@ -487,3 +490,56 @@ def test_real_magnetic_tile_masks_match_images(magnetic_tile):
     uneven = [s for s in defective if s.defect == "uneven"]
     empty = [s.path.name for s in uneven if not load_mask(s.mask_path, load_image(s.path).size).any()]
     assert len(empty) == 4
+
+
+# ----------------------------------------------------------------------------- prefetching loader
+
+
+def test_prefetching_gives_the_same_batches_in_the_same_order(tmp_path):
+    root = make_category(tmp_path / "cat", n_train=2)
+    samples = train_test_samples(root)[1]  # 5 test images with labels and masks
+    preprocess = Preprocess(resize=20, crop=16)
+    runs = [list(image_batches(samples, preprocess, 2, prefetch=depth)) for depth in (0, 1, 2)]
+    for run in runs[1:]:
+        assert [b.start for b in run] == [b.start for b in runs[0]] == [0, 2, 4]
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+
+
+def counted(n: int, made: list[int]):
+    """0 .. n-1, noting in ``made`` each item as it is produced."""
+    for i in range(n):
+        made.append(i)
+        yield i
+
+
+def test_prefetch_stays_at_most_depth_ahead():
+    made: list[int] = []
+    for depth in (1, 2):
+        made.clear()
+        for seen, item in enumerate(prefetched(counted(10, made), depth)):
+            time.sleep(0.01)  # give the producer every chance to run ahead
+            assert item == seen and len(made) <= seen + depth + 2  # queued + one being made
+        assert made == list(range(10))
+
+
+def test_an_error_in_the_decoder_surfaces_with_its_message(tmp_path):
+    def items():
+        yield 1
+        raise DataError(f"{tmp_path / 'bad.png'} cannot be decoded: re-export it as PNG")
+
+    got = []
+    with pytest.raises(DataError, match="bad.png cannot be decoded: re-export"):
+        for item in prefetched(items()):
+            got.append(item)
+    assert got == [1]  # what came before the error was delivered
+
+
+def test_closing_early_stops_the_producer():
+    made: list[int] = []
+    batches = prefetched(counted(1000, made), 1)
+    assert next(batches) == 0
+    batches.close()  # joins the producer
+    assert len(made) <= 3
+    with pytest.raises(ValueError, match="depth"):
+        next(prefetched(counted(3, made), 0))

@@ -107,7 +107,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "instead of the paper's eq. 7 reweighting")
     g.add_argument("--squared-distances", action="store_true", help="patch scores are squared L2 distances "
                    "(official code) instead of the Euclidean distances of the paper's eq. 6")
-    g.add_argument("--knn", choices=BACKENDS, default=d.knn_backend, help="search backend (default: %(default)s)")
+    g.add_argument("--knn", choices=BACKENDS, default=d.knn_backend, help="search backend (default: %(default)s; "
+                   "exact = the same results as faiss flat by a certified filter, see chapter 4)")
     g.add_argument("--knn-index", choices=INDEXES, default=d.knn_index,
                    help="flat = exact; ivf, ivfpq = approximate and faster, faiss only (default: %(default)s)")
     g.add_argument("--nprobe", type=int,
@@ -183,6 +184,7 @@ def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> lis
         model = PatchCore(config, weights_path=args.weights)
         print(f"\n== {root.name}: {model.config.backbone}, coreset {model.config.coreset_ratio:.0%}")
         result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures, holdout=args.holdout)
+        print(f"search: {model._check_fitted().describe()}")
         results.append(result)
         rows.append(result.row(memory_bank=len(model.memory_bank)))
         write_results(rows, out / "results.csv")  # after every category: nothing finished is lost
@@ -255,6 +257,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
         if warning := threshold_warning(len(held)):
             print(warning, file=sys.stderr)
     print(f"memory bank: {len(model.memory_bank)} of {model.n_train_patches} patches; saved {model.save(args.model)}")
+    print(f"search: {model._check_fitted().describe()}")
 
 
 def _refuse_writing_over(output: Path, what: str, inputs: list[Path]) -> None:
