@@ -3,10 +3,12 @@
     python .ci/check_site.py [_build/html]
 
 For every page of the table of contents: it loads without a failed or missing request, no
-image is broken and equations are typeset by MathJax. Every chapter also has a Summary, at least
-three collapsed exercise solutions and executed outputs with figures, and every flipbook's range
-control changes the visible figure when moved with the keyboard (no kernel: the page alone); at
-least four chapters have one. Exits 1 with one line per problem.
+image is broken, equations are typeset by MathJax and the header's repository and launch buttons
+name the book's own repository (book/repository_link.py), none when it has none. Every chapter also
+has a Summary, at least three collapsed exercise solutions and none whose code or output is in view
+unfolded, executed outputs with figures, and every flipbook's range control changes the visible
+figure when moved with the keyboard (no kernel: the page alone); at least four chapters have one.
+Exits 1 with one line per problem.
 Needs Debian's ``chromium`` and the ``playwright`` package (its own browser download is not used).
 """
 
@@ -20,6 +22,9 @@ import threading
 from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "book"))
+from repository_link import book_address  # noqa: E402  (the address the build linked, or None)
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -59,10 +64,23 @@ def check_page(page: Page, url: str, name: str) -> list[str]:
     problems += [f"{name}: broken image {src}" for src in broken]
     if page.locator(".math").count() and not page.locator("mjx-container").count():
         problems.append(f"{name}: equations are not typeset (no MathJax output)")
+    problems += check_repository_links(page, name)
     raw = page.eval_on_selector_all("p", "ps => ps.filter(p => /^\\|.*\\|\\s*$/m.test(p.textContent)).length")
     if raw:
         problems.append(f"{name}: {raw} Markdown table(s) shown as raw text (nb_render_markdown_format)")
     return problems
+
+
+def check_repository_links(page: Page, name: str) -> list[str]:
+    """The header's repository and launch buttons name the book's own repository, and only when one is known."""
+    address = book_address(Path.cwd())
+    links = page.eval_on_selector_all(".article-header-buttons a[href], .header-article-items a[href]",
+                                      "links => links.map(a => a.href)")
+    hosts = ("github.com", "mybinder.org", "colab.research.google.com")
+    repo = address.removeprefix("https://github.com/") if address else None
+    wrong = [url for url in links if any(h in url for h in hosts) and not (repo and repo in url)]
+    return [f"{name}: header links to a repository the book does not know ({url}); "
+            "set $PATCHCORE_BOOK_REPOSITORY or the git remote" for url in wrong]
 
 
 def check_chapter(page: Page, name: str) -> list[str]:
@@ -73,10 +91,23 @@ def check_chapter(page: Page, name: str) -> list[str]:
     solutions = page.locator("details:not([open])").filter(has_text="Solution").count()
     if solutions < MIN_SOLUTIONS:
         problems.append(f"{name}: {solutions} hidden (collapsed) exercise solutions, fewer than {MIN_SOLUTIONS}")
+    problems += check_exercises(page, name)
     if not page.locator(".cell_output").count() or not page.locator(".cell_output img").count():
         problems.append(f"{name}: no executed output with a figure")
     for i in range(page.locator(".flipbook").count()):
         problems += check_flipbook(page, i, name)
+    return problems
+
+
+def check_exercises(page: Page, name: str) -> list[str]:
+    """An exercise's answer stays folded: no code or output of its solution is in view until opened."""
+    problems = []
+    for section in page.locator('section[id^="exercise-"]').all():
+        shown = [el for el in section.locator(".cell_input, .cell_output").all() if el.is_visible()]
+        if shown:
+            title = section.locator("h3").first.inner_text().strip().rstrip("#")
+            problems.append(f"{name}: '{title}': {len(shown)} solution input/output block(s) in view, not folded "
+                            "(tag the solution cell hide-cell)")
     return problems
 
 

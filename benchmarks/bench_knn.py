@@ -12,8 +12,12 @@ on the first ``--train-images`` training images (209 images = MVTec bottle's tra
 search and prints image AUROC, pixel AUROC and AUPRO.
 
 "straightforward" is one (N, M) distance matrix per 8 images (``torch.cdist``, as
-anomalib). recall@1: queries whose nearest bank index equals the exact one; rel. error:
-(found - exact) / exact distance, mean and max. Times are medians of ``--repeat`` runs.
+anomalib). recall@1: queries whose nearest bank index equals the straightforward one; rel. error:
+(found - straightforward) / straightforward distance, mean and max. Times are medians of
+``--repeat`` interleaved rounds (one search of each per round); "/faiss" is each time over faiss
+flat's in the same run. Each index's path is printed (``NearestNeighbors.describe``), with this
+CPU's fp32 matrix-product speed at the search's shape: the ceiling of a search that computes
+every distance.
 """
 
 from __future__ import annotations
@@ -26,17 +30,19 @@ import torch
 from common import (
     dataset_model,
     dataset_split,
-    median_seconds,
+    interleaved_medians,
+    matmul_peak_gflops,
     patches_per_image,
     peak_rss_mib,
     search_name,
 )
 
 from patchcore_lite.evaluation import evaluate
+from patchcore_lite.exact_search import reference_search
 from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.model import PatchCore
 
-SEARCHES = [("torch", "flat", 8), ("faiss", "flat", 8), ("faiss", "ivf", 8), ("faiss", "ivf", 16),
+SEARCHES = [("exact", "flat", 8), ("faiss", "flat", 8), ("torch", "flat", 8), ("faiss", "ivf", 8), ("faiss", "ivf", 16),
             ("faiss", "ivfpq", 8)]
 
 
@@ -57,22 +63,38 @@ def straightforward(bank: torch.Tensor, queries: torch.Tensor, patches: int) -> 
 def compare(bank: torch.Tensor, queries: torch.Tensor, patches: int, args: argparse.Namespace) -> None:
     n_img = len(queries) / patches
     flops = 2 * patches * len(bank) * bank.shape[1]
+    peak = matmul_peak_gflops(patches, len(bank), bank.shape[1])
+    print(f"this CPU's fp32 matrix product at the search's shape ({patches} x {bank.shape[1]}) @ "
+          f"({bank.shape[1]} x {len(bank)}): {peak:.0f} GFLOP/s; exact search = {flops / 1e9:.1f} GFLOP per image")
     exact_d, exact_i = straightforward(bank, queries, patches)
-    base = median_seconds(lambda: straightforward(bank, queries, patches), args.repeat) / n_img
-    print(f"{'search':21s} {'build s':>8s} {'ms/image':>9s} {'speedup':>8s} {'GFLOP/s':>8s} "
-          f"{'recall@1':>9s} {'rel.err mean':>13s} {'max':>7s}")
-    print(f"{'straightforward':21s} {0:8.2f} {1e3 * base:9.1f} {1:7.1f}x {flops / base / 1e9:8.0f}")
+    indexes, builds = {}, {}
     for backend, index, nprobe in SEARCHES:
         start = time.perf_counter()
-        nn = NearestNeighbors(bank, backend, index, nprobe=nprobe, seed=args.seed)
-        build = time.perf_counter() - start
-        per_image = median_seconds(lambda: nn.search(queries), args.repeat) / n_img
+        indexes[search_name(backend, index, nprobe)] = NearestNeighbors(bank, backend, index, nprobe=nprobe,
+                                                                        seed=args.seed)
+        builds[search_name(backend, index, nprobe)] = time.perf_counter() - start
+    fns = {"straightforward": lambda: straightforward(bank, queries, patches)}
+    fns.update({name: (lambda nn=nn: nn.search(queries)) for name, nn in indexes.items()})
+    per_image = {name: t / n_img for name, t in interleaved_medians(fns, args.repeat).items()}
+    base, faiss_flat = per_image["straightforward"], per_image["faiss flat"]
+    print(f"{'search':21s} {'build s':>8s} {'ms/image':>9s} {'speedup':>8s} {'/faiss':>7s} {'GFLOP/s':>8s} "
+          f"{'recall@1':>9s} {'rel.err mean':>13s} {'max':>7s}")
+    print(f"{'straightforward':21s} {0:8.2f} {1e3 * base:9.1f} {1:7.1f}x {base / faiss_flat:7.2f} "
+          f"{flops / base / 1e9:8.0f}")
+    for name, nn in indexes.items():
         dist, idx = nn.search(queries)
         rel = (dist[:, 0] - exact_d) / exact_d.clamp_min(1e-6)
-        name = search_name(backend, index, nprobe)
-        gflops = f"{flops / per_image / 1e9:8.0f}" if index == "flat" else f"{'':8s}"
-        print(f"{name:21s} {build:8.2f} {1e3 * per_image:9.1f} {base / per_image:7.1f}x {gflops} "
-              f"{(idx[:, 0] == exact_i).float().mean():9.4f} {rel.mean():13.2e} {rel.max():7.3f}")
+        gflops = f"{flops / per_image[name] / 1e9:8.0f}" if nn.index_type == "flat" else f"{'':8s}"
+        print(f"{name:21s} {builds[name]:8.2f} {1e3 * per_image[name]:9.1f} {base / per_image[name]:7.1f}x "
+              f"{per_image[name] / faiss_flat:7.2f} {gflops} {(idx[:, 0] == exact_i).float().mean():9.4f} "
+              f"{rel.mean():13.2e} {rel.max():7.3f}")
+    print("GFLOP/s: the 2 N M D flops of exact search per second of each (the exact backend does fewer flops)")
+    for name, nn in indexes.items():
+        print(f"  {name:19s} {nn.describe()}")
+    sample = queries[torch.randperm(len(queries), generator=torch.Generator().manual_seed(args.seed))[:256]]
+    same = [torch.equal(a, b) for a, b in zip(indexes["exact flat"].search(sample), reference_search(bank, sample))]
+    print(f"exact flat equals the brute-force definition (exact_search.reference_search) on 256 sampled "
+          f"queries: {all(same)}")
 
 
 def real_data(args: argparse.Namespace) -> tuple[PatchCore, list, torch.Tensor]:

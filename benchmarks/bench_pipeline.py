@@ -10,36 +10,43 @@ peak RSS after the fit. 209 training images give MVTec bottle's bank, 163,856
 patches (10% = 16,385). Inference, per search: milliseconds per image for each stage
 (backbone, patch features, search, image scores with eq. 7, maps), images/s from
 normalised tensors to maps ("end to end", the issue's measure), and images/s from
-image files (decoding and resizing included). Medians of ``--repeat`` runs.
+image files (decoding and resizing included), with the loader's prefetching thread and, for the
+two exact flat searches, without it (decoding in the scoring thread, as before). Medians of
+``--repeat`` interleaved rounds (every search once per round); each search's path is printed.
 A measurement, not a test: figures depend on the machine and what else runs on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from common import (
     dataset_model,
     dataset_split,
     input_images,
+    interleaved_medians,
     median_seconds,
     peak_rss_mib,
     search_name,
 )
 
+from patchcore_lite import detector
 from patchcore_lite.backbone import Backbone
 from patchcore_lite.datasets import image_batches
+from patchcore_lite.knn import NearestNeighbors
 from patchcore_lite.model import PatchCore
 from patchcore_lite.patches import patch_features
 from patchcore_lite.scoring import anomaly_maps, image_scores, patch_scores
 from patchcore_lite.teaching.synthetic import ensure_synthetic
 
-SEARCHES = [("faiss", "flat", 8), ("torch", "flat", 8), ("faiss", "ivf", 8), ("faiss", "ivf", 16)]
+SEARCHES = [("exact", "flat", 8), ("faiss", "flat", 8), ("torch", "flat", 8), ("faiss", "ivf", 8), ("faiss", "ivf", 16)]
 STAGES = ("backbone", "patches", "search", "image score", "maps")
 
 
@@ -80,10 +87,29 @@ def stage_times(model: PatchCore, images: torch.Tensor) -> dict[str, float]:
     return times
 
 
-def median_stages(model: PatchCore, images: torch.Tensor, repeat: int) -> dict[str, float]:
-    runs = [stage_times(model, images) for _ in range(repeat + 1)][1:]  # the first run warms up
-    totals = [sum(r.values()) for r in runs]
-    return runs[totals.index(sorted(totals)[len(totals) // 2])]  # the run with the median total
+def interleaved_stages(model: PatchCore, indexes: dict[str, NearestNeighbors], images: torch.Tensor,
+                       repeat: int) -> dict[str, dict[str, float]]:
+    """Per search, the stage times of its median run; one run of every search per round, after a warm-up
+    round, so a slow spell of the machine hits them all."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in indexes}
+    for round_ in range(repeat + 1):
+        for name, index in indexes.items():
+            model.index = index
+            times = stage_times(model, images)
+            if round_:
+                runs[name].append(times)
+    return {name: sorted(r, key=lambda t: sum(t.values()))[len(r) // 2] for name, r in runs.items()}
+
+
+def _predict(model: PatchCore, index: NearestNeighbors, test: list, serial: bool):
+    """``predict`` on the image files with ``index``; ``serial``: the loader without prefetching."""
+    def run():
+        model.index = index
+        if not serial:
+            return model.predict(test, progress=False)
+        with patch.object(detector, "image_batches", functools.partial(image_batches, prefetch=0)):
+            return model.predict(test, progress=False)
+    return run
 
 
 def main() -> None:
@@ -115,14 +141,27 @@ def main() -> None:
           f"picks of {model.n_train_patches} patches ({1e3 * t['coreset_s'] / t['coreset_picks']:.2f} ms/pick), "
           f"peak RSS {fit_rss:.0f} MiB")
     print(f"bank      : {tuple(model.memory_bank.shape)}, {model.memory_bytes / 2**20:.1f} MiB\n")
-    print(f"{'search':20s}" + "".join(f"{s:>12s}" for s in STAGES) + f"{'tensors->maps':>15s}{'files->maps':>13s}")
+    indexes = {}
     for backend, index, nprobe in SEARCHES:
-        model.set_search(backend, index, nprobe)
-        stages = median_stages(model, images, args.repeat)
-        from_files = median_seconds(lambda: model.predict(test, progress=False), args.repeat)
-        name = search_name(backend, index, nprobe)
-        print(f"{name:20s}" + "".join(f"{1e3 * stages[s] / len(test):9.1f} ms" for s in STAGES)
-              + f"{len(test) / sum(stages.values()):9.1f} img/s{len(test) / from_files:7.1f} img/s")
+        indexes[search_name(backend, index, nprobe)] = model.set_search(backend, index, nprobe).index
+    stages = interleaved_stages(model, indexes, images, args.repeat)
+    from_files = interleaved_medians({**{name: _predict(model, index, test, False) for name, index in indexes.items()},
+                                      **{f"{name} serial": _predict(model, indexes[name], test, True)
+                                         for name in ("exact flat", "faiss flat")}}, args.repeat)
+    print(f"{'search':20s}" + "".join(f"{s:>12s}" for s in STAGES)
+          + f"{'tensors->maps':>15s}{'files->maps':>13s}{'serial decode':>15s}")
+    for name in indexes:
+        serial = f"{len(test) / from_files[name + ' serial']:9.1f} img/s" if name + " serial" in from_files else ""
+        print(f"{name:20s}" + "".join(f"{1e3 * stages[name][s] / len(test):9.1f} ms" for s in STAGES)
+              + f"{len(test) / sum(stages[name].values()):9.1f} img/s{len(test) / from_files[name]:7.1f} img/s"
+              + serial)
+    print("files->maps: `predict` on the image files, decoding one batch ahead in a thread (the loader's "
+          "default); serial decode: decoding in the scoring thread, as before")
+    gain = from_files["faiss flat serial"] / from_files["exact flat"]
+    print(f"end to end from files: exact flat {len(test) / from_files['exact flat']:.1f} images/s against faiss flat "
+          f"with serial decoding (the previous default) {len(test) / from_files['faiss flat serial']:.1f}: {gain:.2f}x")
+    for name, index in indexes.items():
+        print(f"  {name:18s} {index.describe()}")
     print(f"\npeak RSS  : {peak_rss_mib():.0f} MiB")
 
 

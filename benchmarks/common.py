@@ -40,6 +40,34 @@ def median_seconds(fn: Callable[[], object], repeat: int, warm_up: bool = True) 
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median wall time of each function over ``repeat`` rounds, one call of each per round after a
+    warm-up round: a slow spell of this shared machine hits every function alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeat + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_peak_gflops(n: int, m: int, d: int, repeat: int = 5) -> float:
+    """This CPU's fp32 matrix-product speed at the search's shape, (n x d) @ (d x m), in GFLOP/s (best of
+    ``repeat``): the ceiling of any search that computes every distance."""
+    a, b = torch.randn(n, d), torch.randn(d, m)
+    a @ b
+    best = min(_seconds(lambda: a @ b) for _ in range(repeat))
+    return 2 * n * m * d / best / 1e9
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def search_name(backend: str, index: str, nprobe: int) -> str:
     """How the tables name a search: "faiss flat", "faiss ivf nprobe 16"."""
     return f"{backend} {index}" + (f" nprobe {nprobe}" if index != "flat" else "")

@@ -37,13 +37,19 @@ silently dropping it would change the dataset without the user noticing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import numbers
 import os
+import queue
+import stat
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -53,7 +59,9 @@ from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
-from .errors import DataError, check_setting
+from .errors import DataError, check_setting, file_kind, shown
+
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------- where data lives
 
@@ -166,21 +174,34 @@ class Sample:
 
 
 def _open_decoded(path: Path) -> Image.Image:
-    """Open and fully decode an image, turning every failure into a DataError."""
+    """Open and fully decode an image, turning every failure into a DataError.
+
+    Only regular files are opened: a FIFO would block, a device never end. A file that cannot be opened
+    is called unreadable (with the system's reason), never corrupt."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{shown(path)}: file not found" + (" (a broken symlink)" if path.is_symlink() else "")
+                        + "; check the path.") from None
+    except OSError as err:
+        raise DataError(f"{shown(path)}: unreadable ({err.strerror}); make it readable or remove it.") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{shown(path)}: a {file_kind(mode)}, not a regular file; give image files only.")
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file only fails here, not at open
             return img
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found.") from None
+    except PermissionError as err:
+        raise DataError(f"{shown(path)}: unreadable ({err.strerror}); make it readable (chmod a+r) "
+                        "or remove it from the folder.") from None
     except UnidentifiedImageError:
         raise DataError(
-            f"{path}: not an image file Pillow can read, although its name ends in "
+            f"{shown(path)}: not an image file Pillow can read, although its name ends in "
             f"{path.suffix!r}. Convert it to PNG or remove it from the dataset folder."
         ) from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(
-            f"{path}: the image is corrupt or truncated ({err}). "
+            f"{shown(path)}: the image is corrupt or truncated ({err}). "
             "Copy or download the file again, or remove it from the dataset folder."
         ) from None
 
@@ -224,23 +245,82 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def load_mask(
     path: str | os.PathLike, size: tuple[int, int], image_path: str | os.PathLike | None = None
 ) -> np.ndarray:
-    """Load a ground-truth mask as a bool (H, W) array; any nonzero pixel is anomalous.
+    """Load a ground-truth mask as a bool (H, W) array: True where the defect is.
 
     ``size`` is the (W, H) of the image the mask belongs to (``PIL.Image.size``);
-    ``image_path`` is only used to name that image in the error message.
+    ``image_path`` is only used to name that image in the error message. The mask must be binary
+    (``mask_region``): anything else is refused with a DataError naming the file and the fix.
     """
     path = Path(path)
     mask = _open_decoded(path)
     if mask.size != tuple(size):
-        image = f"its image {image_path}" if image_path is not None else "its image"
+        image = f"its image {shown(image_path)}" if image_path is not None else "its image"
         raise DataError(
-            f"{path}: mask is {mask.size[0]}x{mask.size[1]} pixels but {image} is "
+            f"{shown(path)}: mask is {mask.size[0]}x{mask.size[1]} pixels but {image} is "
             f"{size[0]}x{size[1]}. A mask must have exactly the size of its image; "
             "re-export the mask at the image's resolution."
         )
+    return mask_region(mask, path)
+
+
+_BINARY_FIX = "save it with 0 for normal pixels and one other value (e.g. 255) for the defect, as PNG"
+
+
+def _pixel_values(mask: Image.Image) -> np.ndarray:
+    """One number per pixel: the grey value, or the colour packed as 0xRRGGBB when channels differ."""
     if mask.mode in ("1", "L") or _is_high_depth(mask.mode):
-        return np.asarray(mask) != 0
-    return np.asarray(mask.convert("RGB")).any(axis=2)  # colour or palette masks; alpha ignored
+        return np.asarray(mask)
+    rgb = np.asarray(mask.convert("RGBA" if mask.has_transparency_data else "RGB"))[..., :3]
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return rgb[..., 0]
+    return (rgb[..., 0].astype(np.uint32) << 16) | (rgb[..., 1].astype(np.uint32) << 8) | rgb[..., 2]
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values; a bincount for 8-bit masks (MVTec's 1024 x 1024: ~1 ms instead of a sort)."""
+    if values.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(values.ravel(), minlength=256))
+    return np.unique(values)
+
+
+def _soft_edged(path: Path) -> bool:
+    """Whether ``path`` is a mask of the Magnetic Tile Defects layout (``MT_<class>/Imgs/<name>.png``).
+
+    Its publisher's masks have soft edges (in-between grey levels around 388 of the 392 defects), so
+    there the region is every nonzero pixel, as this package has always read them (and as its
+    recorded results were measured); a background that is not 0 is still refused."""
+    return path.parent.name == "Imgs" and path.parent.parent.name.startswith("MT_")
+
+
+def mask_region(mask: Image.Image, path: Path) -> np.ndarray:
+    """The defect region of a binary mask; a DataError for anything else.
+
+    Binary: at most two pixel values, 0 (black) and one other (any grey level, 16-bit value or colour):
+    0/255, 0/1, 0/65535, mode "1", a two-colour palette, red on black. An empty mask (all 0) is
+    accepted (an anomaly without pixels). Refused: more than two values (grey ramps, anti-aliased edges,
+    JPEG artefacts), a background that is not 0, a mask without background, and an alpha channel that
+    marks another region than the colours (transparency must agree with them or be absent).
+    The one exception is the published Magnetic Tile Defects data (``_soft_edged``).
+    """
+    values = _pixel_values(mask)
+    distinct = _distinct(values)
+    name = shown(path)
+    if len(distinct) > 2 and not _soft_edged(path):
+        examples = ", ".join(str(int(v)) for v in distinct[:4])
+        raise DataError(f"{name}: not a binary mask: {len(distinct)} distinct values ({examples}, ...); "
+                        f"{_BINARY_FIX} (anti-aliasing and JPEG compression add in-between values).")
+    if distinct[0] != 0:
+        what = (f"every pixel is {int(distinct[0])}: no background" if len(distinct) == 1
+                else f"its background is {int(distinct[0])} (values {int(distinct[0])} and {int(distinct[1])})")
+        raise DataError(f"{name}: {what}, where normal pixels must be 0; {_BINARY_FIX}.")
+    region = values != 0
+    if mask.mode in ("RGBA", "LA", "PA") or mask.has_transparency_data:
+        alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+        if alpha.min() < 255 and ((alpha > 0) != region).any():
+            raise DataError(f"{name}: its transparency marks another region than its colours "
+                            f"({int(((alpha > 0) != region).sum())} pixels differ); save it without an alpha "
+                            f"channel: {_BINARY_FIX}.")
+    return region
 
 
 # ----------------------------------------------------------------------------- listing
@@ -254,43 +334,140 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def _is_test_image(path: Path, folder: Path) -> bool:
-    """Whether a file found below ``folder`` is an image to score: see ``list_images``."""
-    parts = path.relative_to(folder).parts
-    return (
-        path.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in parts)
-        and "ground_truth" not in parts[:-1]
-        and not path.stem.endswith("_mask")
-        and not (path.suffix.lower() == ".png" and any(path.with_suffix(s).is_file() for s in (".jpg", ".jpeg")))
-        and path.is_file()
-    )
+RUN_MANIFEST = "run.json"  # written by predict into its --out: marks an output folder
 
 
-def list_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """The images to score among files and folders, in order; folders are searched at any depth, sorted.
+@dataclass(frozen=True)
+class Unscored:
+    """An entry under an input folder that is not scored, and why (listed in OUT/unscored.csv)."""
 
-    In a folder only files with a suffix in ``IMAGE_SUFFIXES`` count, and never hidden files or
-    folders (macOS ``._*`` forks), MVTec masks (``ground_truth/`` folders, ``*_mask.png``) or
-    Magnetic Tile Defects masks (a ``.png`` beside a ``.jpg`` of the same name). A file named
-    explicitly is kept (and checked when it is loaded). A missing path, or a folder with no
+    path: Path
+    reason: str
+
+
+def is_output_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a predict run's outputs (its run.json): never read back as input."""
+    try:
+        record = json.loads((folder / RUN_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("written_by") == "patchcore_lite predict"
+
+
+def _file_reason(path: Path, siblings: set[str]) -> str | None:
+    """Why a regular file found in a folder is not an image to score, or None if it is one."""
+    suffix = path.suffix.lower()
+    if path.name.startswith("."):
+        return "hidden file"
+    if suffix not in IMAGE_SUFFIXES:
+        return f"not an image (suffix {suffix!r})" if suffix else "not an image (no suffix)"
+    if path.stem.endswith("_mask"):
+        return "a mask (*_mask file name)"
+    if suffix == ".png" and any(path.stem + s in siblings for s in (".jpg", ".jpeg", ".JPG", ".JPEG")):
+        return "a mask (a .png beside the .jpg of the same name: Magnetic Tile Defects layout)"
+    return None
+
+
+def _walk(root: Path, excluded: set[tuple[int, int]]) -> tuple[list[Path], list[Unscored]]:
+    """Images below ``root`` (any depth, symlinks followed) and every entry not scored, with its reason.
+
+    A folder is entered once: a symlink to a folder already entered (a cycle back to an ancestor, or a
+    second way into the same folder) is listed instead, so the walk ends and no image is scored twice."""
+    files: list[Path] = []
+    skipped: list[Unscored] = []
+    st = os.stat(root)
+    entered = {(st.st_dev, st.st_ino): root}
+
+    def visit(folder: Path) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            skipped.append(Unscored(folder, f"folder not readable ({err.strerror})"))
+            return
+        names = {e.name for e in entries}
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                info = os.stat(path)  # follows symlinks
+            except FileNotFoundError:
+                skipped.append(Unscored(path, f"broken symlink (to {shown(os.readlink(path))})"))
+                continue
+            except OSError as err:
+                skipped.append(Unscored(path, f"unreadable ({err.strerror})"))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if entry.name.startswith("."):
+                    skipped.append(Unscored(path, "hidden folder (not entered)"))
+                elif entry.name == "ground_truth":
+                    skipped.append(Unscored(path, "masks folder (ground_truth/, not entered)"))
+                elif key in excluded or is_output_folder(path):
+                    skipped.append(Unscored(path, "output folder of a predict run (not entered)"))
+                elif key in entered:
+                    skipped.append(Unscored(path, f"symlink to a folder already searched ({shown(entered[key])})"))
+                else:
+                    entered[key] = path
+                    visit(path)
+            elif stat.S_ISREG(info.st_mode):
+                reason = _file_reason(path, names)
+                if reason is None:
+                    files.append(path)
+                else:
+                    skipped.append(Unscored(path, reason))
+            else:
+                skipped.append(Unscored(path, f"not a regular file ({file_kind(info.st_mode)})"))
+
+    visit(root)
+    return sorted(files), skipped
+
+
+def list_inputs(
+    paths: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()
+) -> tuple[list[Path], list[Unscored]]:
+    """The images to score among files and folders, in order, and every entry under the folders that is not.
+
+    Folders are searched at any depth, sorted, following symlinks to files and folders (each folder once:
+    ``_walk``). Not scored, and listed with the reason: files without an image suffix, hidden files and
+    folders, MVTec masks (``ground_truth/`` folders, ``*_mask`` files), Magnetic Tile Defects masks (a
+    ``.png`` beside a ``.jpg`` of the same name), broken symlinks, FIFOs, sockets and devices, unreadable
+    folders, and output folders of predict (``run.json``) or ``exclude``. A file named explicitly is kept
+    (and checked when it is loaded) unless it is not a regular file. A missing path, or a folder with no
     image, is a DataError naming it.
     """
+    excluded = set()
+    for folder in exclude:
+        with contextlib.suppress(OSError):
+            info = os.stat(folder)
+            excluded.add((info.st_dev, info.st_ino))
     files: list[Path] = []
+    skipped: list[Unscored] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if _is_test_image(p, path))
+            found, missed = _walk(path, excluded)
             if not found:
+                why = f"; not scored: {', '.join(sorted({u.reason for u in missed}))}" if missed else ""
                 raise DataError(
-                    f"{path}: no images to score ({_describe(path)}); expected files ending in "
+                    f"{shown(path)}: no images to score ({_describe(path)}{why}); expected files ending in "
                     f"{', '.join(IMAGE_SUFFIXES)} (masks and hidden files are skipped)."
                 )
             files += found
+            skipped += missed
         elif path.exists():
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise DataError(f"{shown(path)}: a {file_kind(mode)}, not a regular file; give image files only.")
             files.append(path)
+        elif path.is_symlink():
+            raise DataError(f"{shown(path)}: a broken symlink (to {shown(os.readlink(path))}); fix or remove it.")
         else:
-            raise DataError(f"{path}: no such file or folder.")
-    return files
+            raise DataError(f"{shown(path)}: no such file or folder.")
+    return files, skipped
+
+
+def list_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The images to score among files and folders, in order: ``list_inputs`` without the inventory."""
+    return list_inputs(paths)[0]
 
 
 def _describe(folder: Path) -> str:
@@ -638,13 +815,15 @@ class Batch:
 
 
 def image_batches(
-    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = ""
+    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = "", prefetch: int = 1
 ) -> Iterator[Batch]:
     """The package's one batch loop: ``Batch``es from tensors, an ``ImageDataset``, samples or paths, in order.
 
     Every detector's ``fit`` and ``predict``, the evaluation, the command line, the chapters'
     experiments and the benchmarks read images through it. Files are checked before the first
     batch, so a bad image stops the run before any work is done rather than halfway through it.
+    Image files are decoded ``prefetch`` batches ahead by a background thread (``prefetched``), so
+    decoding overlaps the network and the search; 0 decodes in the caller's thread.
     """
     if isinstance(data, torch.Tensor):
         parts: Iterable = ((chunk, None) for chunk in data.split(batch_size))
@@ -655,9 +834,62 @@ def image_batches(
             validate_samples(samples)
             data = ImageDataset(samples, preprocess)
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-        parts = ((b["image"], b["mask"].bool()) if isinstance(b, dict) else (b, None) for b in loader)
+        decoded = ((b["image"], b["mask"].bool()) if isinstance(b, dict) else (b, None) for b in loader)
+        parts = prefetched(decoded, prefetch) if prefetch else decoded
         total = len(loader)
     start = 0
     for images, masks in tqdm(parts, total=total, desc=desc, disable=not progress, unit="batch"):
         yield Batch(images, masks, start)
         start += len(images)
+
+
+@dataclass
+class _Failed:
+    """An exception raised while producing, carried to the consumer."""
+
+    error: BaseException
+
+
+_DONE = object()
+
+
+def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """The items of ``items``, in order, produced by a background thread at most ``depth`` items ahead.
+
+    Memory stays bounded (``depth`` items queued, one in the making); an exception in the
+    producer is raised again here, with its message and traceback; closing this generator early
+    stops the producer at its next item.
+    """
+    if depth < 1:
+        raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+            offer(_DONE)
+        except BaseException as exc:  # noqa: BLE001  (carried to the consumer, raised there)
+            offer(_Failed(exc))
+
+    worker = threading.Thread(target=produce, name="patchcore_lite-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join()

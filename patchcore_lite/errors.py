@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import stat
 from collections.abc import Callable, Iterable
 
 
@@ -58,3 +60,21 @@ def check_real(name: str, value: object, ok: Callable[[float], bool], valid: str
     """Refuse anything but a finite number for which ``ok`` holds."""
     real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     check_setting(real and ok(float(value)), name, value, valid)  # type: ignore[arg-type]
+
+
+def shown(path: object) -> str:
+    """``path`` as one printable line: undecodable bytes as \\xNN, control characters (newline, U+2028)
+    escaped, so that a message promising one line keeps it whatever the file system allows in names."""
+    text = os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def file_kind(mode: int) -> str:
+    """What an ``os.stat`` mode describes, for messages: a FIFO, socket or device is never opened."""
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "folder" if stat.S_ISDIR(mode) else "file"

@@ -4,7 +4,17 @@ Eq. 6 scores a test patch by its distance to the nearest memory-bank patch,
 ``min_m ||m_test - m||_2``; eq. 7 also needs the neighbours of that bank patch.
 Backends:
 
-* ``faiss`` ``flat``: exact ``IndexFlatL2``, as the official code.
+* ``faiss`` ``flat`` (the default): exact ``IndexFlatL2``, as the official code. Its fp32
+  ``|q|^2 - 2 q.b + |b|^2`` rounds: distances differ from ``exact`` by about 1e-5 relative, and on
+  near-ties it may return the other neighbour.
+* ``exact`` ``flat``: exact search by a certified filter
+  (``exact_search``): a lower bound of every distance from the bank's 32 leading principal
+  components and a residual norm, then an exact re-rank of the few vectors it cannot rule out.
+  Exact by an implementation-independent definition (the float32 nearest to the true squared
+  distance, ties to the lowest index). Opt-in (``knn_backend="exact"``, ``--knn exact``): with its
+  AVX2 kernel it measured 0.37-1.10x faiss's time depending on the data and the machine's load
+  (benchmarks/RESULTS.md), short of the 0.40 that would make it the default; without a C++
+  compiler the same stages run as torch ops (same results, slower).
 * ``faiss`` ``ivf`` / ``ivfpq``: inverted lists (and product quantisation, the
   paper's approximate-search ablation): faster on big banks, approximate; ivfpq
   distances are those of the quantised bank vectors.
@@ -38,8 +48,9 @@ import torch
 from torch import Tensor
 
 from .errors import check_choice, check_setting
+from .exact_search import ExactKNN
 
-BACKENDS = ("faiss", "torch")
+BACKENDS = ("exact", "faiss", "torch")
 INDEXES = ("flat", "ivf", "ivfpq")
 
 
@@ -82,6 +93,8 @@ class NearestNeighbors:
         if self.backend == "torch":
             self._search_bank = bank.to(self.device)
             self._bank_sq = (self._search_bank * self._search_bank).sum(dim=1)
+        elif backend == "exact":  # a CPU algorithm (its AVX2 kernel): it searches on the CPU on any device
+            self._exact = ExactKNN(bank)
         else:
             self._index = _faiss_index(bank.numpy(), index, nlist, m, nprobe, seed)
             if self.device.type == "cuda":  # the resources must outlive the index
@@ -111,6 +124,8 @@ class NearestNeighbors:
             return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
         if self.backend == "torch":
             return self._search_torch(queries, k)
+        if self.backend == "exact":
+            return self._exact.search(queries, k, squared=True)
         sq, idx = self._index.search(queries.numpy(), k)
         missing = (idx < 0).any(axis=1)  # ivf: the probed lists held fewer than k vectors
         sq, idx = torch.from_numpy(sq), torch.from_numpy(idx)
@@ -118,6 +133,15 @@ class NearestNeighbors:
             rows = torch.from_numpy(np.flatnonzero(missing))
             sq[rows], idx[rows] = _exact(queries[rows], self._bank, (self._bank**2).sum(dim=1), k, self.tile_size)
         return sq, idx
+
+    def describe(self) -> str:
+        """Which search runs, in words (printed by the command line and the benchmarks, saved with a model)."""
+        if self.backend == "exact":
+            return self._exact.describe()
+        if self.backend == "torch":
+            return "exact: torch flat (fp32 matrix products, running top-k)"
+        kind = {"flat": "IndexFlatL2 (exact)", "ivf": "IndexIVFFlat (approximate)", "ivfpq": "IndexIVFPQ (approximate)"}
+        return f"faiss {kind[self.index_type]}"
 
     def _search_torch(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         parts = [_exact(c.to(self.device), self._search_bank, self._bank_sq, k, self.tile_size)
@@ -133,7 +157,7 @@ def check_search(backend: str, index: str) -> None:
     check_choice("knn_backend", backend, BACKENDS)
     check_choice("knn_index", index, INDEXES)
     check_setting(backend == "faiss" or index == "flat", "knn_index", index,
-                  "'flat' with knn_backend='torch': the torch backend is exact (ivf, ivfpq need faiss)")
+                  f"'flat' with knn_backend='{backend}': the {backend} backend is exact (ivf, ivfpq need faiss)")
 
 
 def _exact(queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int, tile: int) -> tuple[Tensor, Tensor]:

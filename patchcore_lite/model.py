@@ -24,7 +24,7 @@ coreset_start     official             10 random starts, official
 k                 1                    paper eq. 6, all official runs
 reweight, b       True, 9              paper eq. 7, b as anomalib (official: off)
 sigma             4                    paper Sec. 3.3 / official
-knn               faiss flat           official (exact L2)
+knn               faiss flat           official (exact L2); ``exact`` = the same by a certified filter
 knn_nprobe        16                   ivf/ivfpq only; chosen on MTD (RESULTS.md)
 squared           False                paper eq. 6 (Euclidean); True = official (squared L2)
 ================  ===================  =============================================
@@ -46,15 +46,20 @@ change the upsampled, blurred maps (and the means over k > 1 neighbours).
 
 Search: exact search costs ``2 N M D`` flops per image (N test patches, M bank
 vectors), so at a bottle-size bank it takes most of the inference time on a CPU.
+``knn_backend="exact"`` returns the same nearest neighbours with far fewer flops: a certified
+lower bound from 32 principal components rules out almost every bank vector, and the rest are
+re-ranked exactly (``exact_search``; the default ``faiss`` is the official code's ``IndexFlatL2``).
 ``knn_index="ivf"`` (approximate, faiss inverted lists) does less work;
 ``benchmarks/bench_knn.py --dataset`` measures its speed and what it costs in accuracy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import stat
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -68,11 +73,14 @@ from .coreset import METHODS, STARTS, select_coreset
 from .datasets import MVTEC_PREPROCESS, Data
 from .detector import BackboneDetector, Prediction, check_detector_config  # noqa: F401  (Prediction: importable here)
 from .errors import (
+    ConfigError,
     ModelFileError,
     check_choice,
     check_int,
     check_real,
     check_setting,
+    file_kind,
+    shown,
 )
 from .knn import NearestNeighbors, check_search
 from .patches import MODES, patch_features
@@ -179,6 +187,17 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
                                c.grid_index)
         return feats.float().cpu()
 
+    def check_patch_grid(self) -> None:
+        """Refuse a patch size larger than the patch grid (eq. 3's finest stage at this input size): every
+        neighbourhood would be mostly zero padding and every patch alike."""
+        c, pre = self.config, self.preprocess
+        side = pre.crop if pre.crop is not None else min([pre.resize] if isinstance(pre.resize, int) else pre.resize)
+        grid = side // self.backbone.strides[c.grid_index]
+        if c.patch_size > grid:
+            raise ConfigError(f"patch_size = {c.patch_size}: larger than the {grid}x{grid} patch grid of "
+                              f"{c.layers[c.grid_index]} at a {side}-pixel input; use --patch-size {grid} or less, "
+                              "or a larger --crop / --resize.")
+
     # ---- fit --------------------------------------------------------------------
     def fit(self, data: Data, progress: bool = True) -> PatchCore:
         """Build the memory bank of training patches and subsample it (Algorithm 1)."""
@@ -263,17 +282,20 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
             "config": asdict(self.config),
             "backbone_fingerprint": self.backbone.fingerprint(),
             "n_train_patches": self.n_train_patches,
+            "search": self.index.describe() if self.index else "",  # which path ran; informative, not read back
         }
         if self.normal_scores is not None:  # optional keys: older files without them still load
             meta["normal_scores"] = self.normal_scores.tolist()
             meta["normal_pixel_quantiles"] = self.normal_pixel_quantiles
+        bank = self.memory_bank.numpy()
+        meta["digest"] = model_digest(bank, meta)  # an edit of the bank or of any setting is refused on load
         path.parent.mkdir(parents=True, exist_ok=True)
         # A new file in the same folder, renamed into place: an existing model is replaced whole or
         # not at all. open() gives it the usual permissions (umask), where mkstemp would give 0600.
         tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             with open(tmp, "xb") as f:
-                np.savez(f, memory_bank=self.memory_bank.numpy(), meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+                np.savez(f, memory_bank=bank, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
             os.replace(tmp, path)
         except BaseException:  # disk full, interrupted, path is a folder: leave nothing behind
             tmp.unlink(missing_ok=True)
@@ -289,6 +311,9 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
         """
         path = Path(path)
         bank, meta, config = _read_model_file(path)
+        if weights_path is not None and not config.pretrained:
+            raise ConfigError(f"--weights {shown(weights_path)}: {shown(path)} was fit with a random {config.backbone} "
+                              "(--random-init), which loads no weights file; drop --weights.")
         model = cls(config, weights_path=weights_path, device=device)
         if not np.isclose(model.backbone.fingerprint(), meta["backbone_fingerprint"], rtol=1e-9):
             raise ModelFileError(
@@ -302,6 +327,10 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
                 f"{list(config.layers)} ({config.feature_mode}) gives {width}: the file is damaged or was "
                 "edited. Re-create it with `python -m patchcore_lite fit`."
             )
+        if "digest" in meta and meta["digest"] != model_digest(bank, meta):  # last: the specific checks speak first
+            raise ModelFileError(f"{shown(path)}: the memory bank or settings were changed after `fit` wrote it (its "
+                                 "digest no longer matches), so its scores would not mean what its settings say. "
+                                 "Re-create it with `python -m patchcore_lite fit`.")
         model.n_train_patches = int(meta["n_train_patches"])
         if "normal_scores" in meta:
             model.normal_scores = np.array(meta["normal_scores"], dtype=np.float64)
@@ -312,6 +341,13 @@ class PatchCore(BackboneDetector[PatchCoreConfig]):
 
 def _read_model_file(path: Path) -> tuple[np.ndarray, dict, PatchCoreConfig]:
     """Bank, metadata and settings of a saved model, with a ModelFileError for anything else."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ModelFileError(f"model file {shown(path)} does not exist") from None
+    if not stat.S_ISREG(mode):  # a FIFO blocks np.load forever, /dev/zero never ends
+        raise ModelFileError(f"{shown(path)}: the model is a {file_kind(mode)}, not a regular file; "
+                             "give the .npz file written by `python -m patchcore_lite fit`.")
     try:
         with np.load(path, allow_pickle=False) as f:
             bank = f["memory_bank"]
@@ -348,6 +384,14 @@ def _read_model_file(path: Path) -> tuple[np.ndarray, dict, PatchCoreConfig]:
     if not (isinstance(normal, list) and normal and all(_is_number(v) and np.isfinite(v) for v in normal)):
         raise ModelFileError(f"{path}: normal_scores must be a non-empty list of finite numbers. {refit}")
     return bank.astype(np.float32), meta, config
+
+
+def model_digest(bank: np.ndarray, meta: dict) -> str:
+    """SHA-256 of the bank's bytes and of the metadata (without its own digest) as canonical JSON."""
+    digest = hashlib.sha256(np.ascontiguousarray(bank).tobytes())
+    digest.update(str((bank.dtype.str, bank.shape)).encode())
+    digest.update(json.dumps({k: v for k, v in meta.items() if k != "digest"}, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 _META_KEYS = ("config", "backbone_fingerprint", "n_train_patches")  # format_version: _check_format

@@ -20,8 +20,7 @@ from .errors import DataError, check_real
 T = TypeVar("T")
 
 HOLDOUT = 0.1  # default fraction of the good images kept out of the memory bank
-QUANTILE = 0.99
-MIN_FOR_QUANTILE = 20  # below this a 0.99 quantile is just the maximum: use mean + 3 sd instead
+FEW_NORMALS = 20  # fewer held-out normal scores: mean + 3 sd where it is higher, and a warning
 PIXEL_QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
@@ -46,14 +45,47 @@ def split_holdout(images: Sequence[T], fraction: float, seed: int, where: object
     return [x for i, x in enumerate(images) if i not in out], [images[i] for i in sorted(out)]
 
 
+DECIMALS = 6  # scores.csv and threshold.json write scores and thresholds with this many decimals
+
+
+def above_all(scores: ArrayLike, decimals: int = DECIMALS) -> float:
+    """The smallest number written with ``decimals`` decimals that is above every score as written:
+    decisions compare the written values, so ``score >= threshold`` is false for each of ``scores``."""
+    top = float(f"{np.max(scores):.{decimals}f}")
+    value = top + 10.0**-decimals
+    while float(f"{value:.{decimals}f}") <= top:  # float rounding at large magnitudes
+        value += 10.0**-decimals
+    return float(f"{value:.{decimals}f}")
+
+
 def auto_threshold(normal_scores: ArrayLike) -> tuple[str, float]:
-    """(rule, threshold) from held-out normal image scores: their 0.99 quantile when there are at
-    least 20 of them, else their mean + 3 standard deviations."""
+    """(rule, threshold) from held-out normal image scores; ``score >= threshold`` flags none of them.
+
+    Just above the largest score (as written with 6 decimals): for a new normal image the chance to score
+    above the largest of n exchangeable normal scores is 1 / (n + 1), so this is the 1 - 1/(n + 1) quantile
+    of normal scores, with no distribution assumed. Below 20 scores (``FEW_NORMALS``) the mean + 3 sd
+    is used where it is higher (one score alone: just above it). ``threshold_warning`` says when n is too
+    small to trust.
+    """
     s = np.asarray(normal_scores, dtype=np.float64)
-    if len(s) >= MIN_FOR_QUANTILE:
-        return f"quantile {QUANTILE} of {len(s)} held-out normal image scores", float(np.quantile(s, QUANTILE))
-    sd = s.std(ddof=1) if len(s) > 1 else 0.0
-    return f"mean + 3 sd of {len(s)} held-out normal image scores", float(s.mean() + 3 * sd)
+    if s.ndim != 1 or len(s) == 0 or not np.isfinite(s).all():
+        raise ValueError("normal_scores must be a non-empty 1-D array of finite scores")
+    n, floor = len(s), above_all(s)
+    if n < FEW_NORMALS:
+        sd = s.std(ddof=1) if n > 1 else 0.0
+        value = float(f"{s.mean() + 3 * sd:.{DECIMALS}f}")
+        if value > floor:
+            return f"mean + 3 sd of {n} held-out normal image scores", value
+    return f"just above the largest of {n} held-out normal image scores", floor
+
+
+def threshold_warning(n_normal: int) -> str | None:
+    """A warning when an automatic threshold rests on fewer than ``FEW_NORMALS`` normal scores."""
+    if n_normal >= FEW_NORMALS:
+        return None
+    return (f"warning: the automatic threshold rests on {n_normal} held-out normal image score(s), fewer than "
+            f"{FEW_NORMALS}: about 1 in {n_normal + 1} normal images may be flagged, and that rate itself is "
+            "uncertain; fit on more good images or raise --holdout.")
 
 
 def pixel_quantiles(maps: np.ndarray) -> dict[str, float]:

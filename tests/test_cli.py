@@ -105,7 +105,7 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tmp_path: Path, model_file:
     assert f"{tmp_path / 'empty'}: no images to score" in _one_error_line(capsys)
     (tmp_path / "file").write_text("")
     assert main(["predict", str(model_file), "--model", str(model_file), "--out", str(tmp_path / "file")]) == 2
-    assert "File exists" in _one_error_line(capsys)  # an OSError is a user error too
+    assert "--out is an existing file, not a folder" in _one_error_line(capsys)  # checked before any work
 
 
 @pytest.mark.parametrize("options, message", [

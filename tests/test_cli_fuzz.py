@@ -32,7 +32,7 @@ OPTIONS: dict[str, tuple[list[str], list[str]]] = {
     "--layers": (["layer2 layer3", "layer1 layer2"], ["layer9", "layer2 blocks.99"]),
     "--feature-mode": (["avgpool"], ["max"]),
     "--coreset-method": (["greedy", "random"], ["kmeans"]),
-    "--knn": (["faiss", "torch"], ["annoy"]),
+    "--knn": (["exact", "faiss", "torch"], ["annoy"]),
     "--knn-index": (["flat", "ivf"], ["hnsw"]),
     "--nprobe": (["1", "4"], ["0", "-1"]),
 }

@@ -25,8 +25,8 @@ def test_tiny_run_gives_complete_rows(synthetic_root):
         assert row["category"] == "disc"
         assert all(0 <= row[m] <= 1 for m in ("image_auroc", "pixel_auroc", "aupro"))
         assert row["pixel_auroc"] > 0.75, row  # every method localises, even at 64 px (measured 0.84-0.99)
-        assert all(math.isfinite(row[c]) and row[c] > 0 for c in ("fit_s", "infer_ms_per_image", "memory_mb"))
-    memory = {r["name"]: r["memory_mb"] for r in rows}
+        assert all(math.isfinite(row[c]) and row[c] > 0 for c in ("fit_s", "infer_ms_per_image", "memory_mib"))
+    memory = {r["name"]: r["memory_mib"] for r in rows}
     # Coreset ratios order the PatchCore banks; SPADE keeps every training feature.
     assert memory["PatchCore-1%"] < memory["PatchCore-10%"] < memory["PatchCore-25%"] < memory["SPADE"]
 
@@ -39,7 +39,7 @@ def test_adding_a_detector_is_one_entry(synthetic_root):
     assert result.maps.shape == result.masks.shape == (len(result.labels), 64, 64)
     row = comparison_row(detector, result, "disc")
     assert row["name"] == "PaDiM-d20"
-    assert row["memory_mb"] * 2**20 == 4 * 16 * 16 * 20 * 21  # 16 x 16 grid, d = 20: means + precisions
+    assert row["memory_mib"] * 2**20 == 4 * 16 * 16 * 20 * 21  # 16 x 16 grid, d = 20: means + precisions
     with pytest.raises(ValueError, match="unknown methods"):
         compare(synthetic_root / "disc", ["SPADE++"], progress=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,11 +20,13 @@ from patchcore_lite.datasets import (
     Sample,
     dataset_kind,
     find_categories,
+    image_batches,
     list_images,
     load_image,
     load_mask,
     magnetic_tile_samples,
     mvtec_samples,
+    prefetched,
     protocol,
     train_test_samples,
     validate_samples,
@@ -326,13 +329,25 @@ def test_missing_file(tmp_path):
 
 
 def test_mask_any_nonzero_pixel_is_anomalous(tmp_path):
-    gray = write_image(tmp_path / "g.png", np.array([[0, 1, 255]], np.uint8))
-    colour = write_image(tmp_path / "c.png", np.array([[[0, 0, 0], [0, 0, 3], [9, 0, 0]]], np.uint8))
+    gray = write_image(tmp_path / "g.png", np.array([[0, 1, 1]], np.uint8))
+    colour = write_image(tmp_path / "c.png", np.array([[[0, 0, 0], [9, 0, 3], [9, 0, 3]]], np.uint8))
     bilevel = write_image(tmp_path / "b.png", np.array([[False, True, False]]))
     assert load_mask(gray, (3, 1)).tolist() == [[False, True, True]]
     assert load_mask(colour, (3, 1)).tolist() == [[False, True, True]]
     assert load_mask(bilevel, (3, 1)).tolist() == [[False, True, False]]
     assert load_mask(gray, (3, 1)).dtype == bool
+
+
+def test_a_mask_with_a_third_value_is_refused_except_in_the_magnetic_tile_layout(tmp_path):
+    """Masks are binary (issue 21): {0, 1, 255} is refused naming the file; the published Magnetic Tile
+    Defects masks have soft edges and are read as every nonzero pixel."""
+    ramp = np.array([[0, 1, 255]], np.uint8)
+    with pytest.raises(DataError, match=r"g\.png: not a binary mask: 3 distinct values"):
+        load_mask(write_image(tmp_path / "g.png", ramp), (3, 1))
+    mtd = write_image(tmp_path / "MT_Crack" / "Imgs" / "exp1_num_1.png", ramp)
+    assert load_mask(mtd, (3, 1)).tolist() == [[False, True, True]]
+    with pytest.raises(DataError, match="its background is 1"):
+        load_mask(write_image(tmp_path / "MT_Crack" / "Imgs" / "exp1_num_2.png", np.array([[1, 2, 255]], np.uint8)), (3, 1))
 
 
 def test_mask_of_another_size_names_both_files_and_sizes(tmp_path):
@@ -475,3 +490,56 @@ def test_real_magnetic_tile_masks_match_images(magnetic_tile):
     uneven = [s for s in defective if s.defect == "uneven"]
     empty = [s.path.name for s in uneven if not load_mask(s.mask_path, load_image(s.path).size).any()]
     assert len(empty) == 4
+
+
+# ----------------------------------------------------------------------------- prefetching loader
+
+
+def test_prefetching_gives_the_same_batches_in_the_same_order(tmp_path):
+    root = make_category(tmp_path / "cat", n_train=2)
+    samples = train_test_samples(root)[1]  # 5 test images with labels and masks
+    preprocess = Preprocess(resize=20, crop=16)
+    runs = [list(image_batches(samples, preprocess, 2, prefetch=depth)) for depth in (0, 1, 2)]
+    for run in runs[1:]:
+        assert [b.start for b in run] == [b.start for b in runs[0]] == [0, 2, 4]
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+
+
+def counted(n: int, made: list[int]):
+    """0 .. n-1, noting in ``made`` each item as it is produced."""
+    for i in range(n):
+        made.append(i)
+        yield i
+
+
+def test_prefetch_stays_at_most_depth_ahead():
+    made: list[int] = []
+    for depth in (1, 2):
+        made.clear()
+        for seen, item in enumerate(prefetched(counted(10, made), depth)):
+            time.sleep(0.01)  # give the producer every chance to run ahead
+            assert item == seen and len(made) <= seen + depth + 2  # queued + one being made
+        assert made == list(range(10))
+
+
+def test_an_error_in_the_decoder_surfaces_with_its_message(tmp_path):
+    def items():
+        yield 1
+        raise DataError(f"{tmp_path / 'bad.png'} cannot be decoded: re-export it as PNG")
+
+    got = []
+    with pytest.raises(DataError, match="bad.png cannot be decoded: re-export"):
+        for item in prefetched(items()):
+            got.append(item)
+    assert got == [1]  # what came before the error was delivered
+
+
+def test_closing_early_stops_the_producer():
+    made: list[int] = []
+    batches = prefetched(counted(1000, made), 1)
+    assert next(batches) == 0
+    batches.close()  # joins the producer
+    assert len(made) <= 3
+    with pytest.raises(ValueError, match="depth"):
+        next(prefetched(counted(3, made), 0))

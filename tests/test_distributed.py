@@ -189,7 +189,7 @@ def test_a_worker_that_dies_stops_the_run_and_resume_finishes_it(cluster, model_
         stop.set()
         killer.join()
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "died" in err and "rerun with --resume" in err, err
+    assert err.count("\n") == 1 and "died" in err and "--resume" in err, err
     scored = (out / "scores.csv").read_text().splitlines()
     reference = (tmp_path / "one" / "scores.csv").read_text().splitlines()
     assert scored == reference[: len(scored)] and f"{len(scored) - 1} of {len(reference) - 1} images" in err

@@ -35,6 +35,12 @@ def test_html_has_a_range_control_and_only_the_start_frame_visible():
     assert "<output" in page and ">3</output>" in page
 
 
+def test_values_beside_the_slider_are_formatted():
+    page = flipbook(square_view, "side", [1.23456, 2.5], fmt=".2f")._repr_html_()
+    assert ">1.23</output>" in page and "&#x27;2.50&#x27;" in page and "1.2345" not in page
+    assert Flipbook("t", [29.426121616363524], [b"x"]).shown() == ["29.426121616363524"]  # no fmt: as given
+
+
 def test_each_flipbook_on_a_page_has_its_own_ids():
     a, b = (flipbook(square_view, "side", [1, 2])._repr_html_() for _ in range(2))
     assert re.search(r'id="(flipbook-\d+)"', a).group(1) != re.search(r'id="(flipbook-\d+)"', b).group(1)

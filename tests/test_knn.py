@@ -26,7 +26,7 @@ def test_torch_and_faiss_flat_agree():
     assert d1.dtype == torch.float32 and i1.dtype == torch.int64
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("backend", ["exact", "faiss", "torch"])
 def test_brute_force(backend):
     bank, q = torch.randn(10, 3, generator=_gen(2)), torch.randn(4, 3, generator=_gen(3))
     dist, idx = NearestNeighbors(bank, backend).search(q, k=3)
@@ -39,7 +39,7 @@ def test_brute_force(backend):
 
 def test_query_in_bank_has_distance_zero():
     bank = torch.randn(50, 8, generator=_gen(4))
-    for backend in ("faiss", "torch"):
+    for backend in ("exact", "faiss", "torch"):
         dist, idx = NearestNeighbors(bank, backend).search(bank[[7, 3]])
         assert idx[:, 0].tolist() == [7, 3] and dist.max().item() < 1e-3
 

@@ -72,12 +72,12 @@ def test_score_features_scores_patch_features_against_any_bank(fitted):
 
 
 def test_every_search_finds_the_same_exact_scores(fitted):
-    """torch flat, and ivf probing every list (exhaustive), equal the default faiss flat search."""
+    """exact and torch flat, and ivf probing every list (exhaustive), equal the default faiss flat search."""
     model, _, test = fitted
     images = torch.stack([item["image"] for item in ImageDataset(test[-3:], model.preprocess)])
     scores, maps = model.score_batch(images)
     try:
-        for backend, index, nprobe in [("torch", "flat", 1), ("faiss", "ivf", 10_000)]:
+        for backend, index, nprobe in [("exact", "flat", 1), ("torch", "flat", 1), ("faiss", "ivf", 10_000)]:
             other_scores, other_maps = model.set_search(backend, index, nprobe).score_batch(images)
             torch.testing.assert_close(other_scores, scores, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(other_maps, maps, rtol=1e-4, atol=1e-4)
@@ -239,7 +239,7 @@ def test_a_failed_save_leaves_the_existing_model_untouched(fitted, tmp_path: Pat
     ({"feature_mode": "max"}, "feature_mode = 'max': must be one of avgpool, official"),
     ({"knn_backend": "torch", "knn_index": "ivf"}, "torch backend is exact"),
     ({"knn_index": "hnsw"}, "knn_index = 'hnsw': must be one of flat, ivf, ivfpq"),
-    ({"knn_backend": "annoy"}, "knn_backend = 'annoy': must be one of faiss, torch"),
+    ({"knn_backend": "annoy"}, "knn_backend = 'annoy': must be one of exact, faiss, torch"),
     ({"knn_nprobe": 0}, "knn_nprobe = 0"),
     ({"backbone": "vgg"}, "backbone = 'vgg': must be one of efficientnet_lite0"),
     ({"layers": ("layer9",)}, "unknown: layer9"),

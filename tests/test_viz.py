@@ -105,6 +105,17 @@ def test_plot_failures_columns_titles_and_marks():
     assert [t.get_text() for t in map_axes[0].get_legend().get_texts()] == ["ground truth", "map maximum"]
 
 
+def test_plot_failures_names_an_error_only_where_the_threshold_makes_one():
+    def tops(**kwargs):
+        fig = viz.plot_failures(IMAGES, MAPS, MASKS, SCORES, LABELS, n=1, **kwargs)
+        return [ax.get_title().split(":")[0] for ax in fig.axes if ax.get_title()][:2]
+
+    assert tops(threshold=0.45) == ["false positive 1", "false negative 1"]
+    assert tops(threshold=0.3) == ["false positive 1", "caught, lowest-scored anomalous 1"]  # 0.4 is flagged
+    assert tops(threshold=0.9) == ["passed, highest-scored normal 1", "false negative 1"]
+    assert tops() == ["highest-scored normal 1", "lowest-scored anomalous 1"]  # no threshold: ranks only
+
+
 def test_plot_failures_checks_inputs():
     with pytest.raises(ValueError, match="maps"):
         viz.plot_failures(IMAGES, MAPS[:, :8], MASKS, SCORES, LABELS)

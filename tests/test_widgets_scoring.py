@@ -79,7 +79,7 @@ def test_coreset_sweep_uses_the_coresets_select_coreset_returns(bank, results):
         k = int(n * r)
         assert torch.equal(results.order[:k], select_coreset(bank, r, seed=0))
         assert results.by_ratio[r].greedy.bank_size == k
-        assert results.by_ratio[r].greedy.memory_mb == pytest.approx(k * bank.shape[1] * 4 / 2**20)
+        assert results.by_ratio[r].greedy.memory_mib == pytest.approx(k * bank.shape[1] * 4 / 2**20)
     assert results.by_ratio[1.0].greedy.bank_size == n
 
 

@@ -66,7 +66,7 @@ class BankScores:
     """One memory bank scored on a ``SplitFeatures`` test set: costs, metrics and the image scores."""
 
     bank_size: int
-    memory_mb: float  # the bank's float32 bytes / 2^20
+    memory_mib: float  # the bank's float32 bytes / 2^20
     build_s: float  # building the search index
     search_ms_per_image: float  # kNN, eq. 6-7 and maps per test image; features excluded
     metrics: dict[str, float]
@@ -179,7 +179,7 @@ def evaluate_bank(
     scores, maps = scores.numpy(), maps.numpy()
     row = BankScores(
         bank_size=len(bank),
-        memory_mb=bank.numel() * bank.element_size() / 2**20,
+        memory_mib=bank.numel() * bank.element_size() / 2**20,
         build_s=built - start,
         search_ms_per_image=1000 * seconds / len(scores),
         metrics=compute_metrics(test.labels, scores, test.masks, maps),

@@ -39,6 +39,7 @@ class Flipbook:
     results: list[dict[str, Any]] = field(default_factory=list)
     start: int = 0
     caption: str = ""
+    fmt: str = ""  # format spec for the value shown beside the slider (".2f": 29.43, not 29.426121616363524)
 
     def __post_init__(self) -> None:
         if not self.values or len(self.values) != len(self.frames):
@@ -46,16 +47,20 @@ class Flipbook:
         if not 0 <= self.start < len(self.values):
             raise ValueError(f"start must index the values (0..{len(self.values) - 1}), got {self.start}")
 
+    def shown(self) -> list[str]:
+        """The values as the reader sees them beside the slider."""
+        return [format(v, self.fmt) for v in self.values]
+
     def _repr_html_(self) -> str:
         uid = f"flipbook-{next(_ids)}"
-        label = html.escape(self.name)
+        label, texts = html.escape(self.name), self.shown()
         frames = "".join(
             f'<img class="flipbook-frame" src="data:image/png;base64,{base64.b64encode(png).decode()}" '
-            f'alt="{html.escape(self.caption or "figure")} at {label} = {html.escape(str(v))}"'
+            f'alt="{html.escape(self.caption or "figure")} at {label} = {html.escape(v)}"'
             f'{"" if i == self.start else " hidden"} style="max-width:100%">'
-            for i, (v, png) in enumerate(zip(self.values, self.frames))
+            for i, (v, png) in enumerate(zip(texts, self.frames))
         )
-        shown = "[" + ",".join(html.escape(repr(str(v)), quote=True) for v in self.values) + "]"
+        shown = "[" + ",".join(html.escape(repr(v), quote=True) for v in texts) + "]"
         # On input: show frame i, hide the others, and write the value beside the slider.
         update = (
             "const b=this.closest('.flipbook');"
@@ -65,7 +70,7 @@ class Flipbook:
         return (
             f'<div class="flipbook" id="{uid}">'
             f'<label for="{uid}-range">{label} = </label>'
-            f'<output for="{uid}-range">{html.escape(str(self.values[self.start]))}</output> '
+            f'<output for="{uid}-range">{html.escape(texts[self.start])}</output> '
             f'<input type="range" id="{uid}-range" min="0" max="{len(self.values) - 1}" step="1" '
             f'value="{self.start}" aria-label="{label}" oninput="{update}" style="width:16em;vertical-align:middle">'
             f"<div>{frames}</div></div>"
@@ -73,12 +78,14 @@ class Flipbook:
 
 
 def flipbook(
-    view: View, name: str, values: Sequence[Any], start: int = 0, caption: str = "", dpi: int = 80, **fixed: Any
+    view: View, name: str, values: Sequence[Any], start: int = 0, caption: str = "", dpi: int = 80, fmt: str = "",
+    **fixed: Any,
 ) -> Flipbook:
-    """Draw ``view(**{name: v}, **fixed)`` for every ``v`` in ``values``; ``start`` indexes the first frame shown."""
+    """Draw ``view(**{name: v}, **fixed)`` for every ``v`` in ``values``; ``start`` indexes the first frame shown
+    and ``fmt`` formats the values beside the slider."""
     frames, results = [], []
     for value in values:
         figure, numbers = view(**{name: value}, **fixed)
         frames.append(png_bytes(figure, dpi))
         results.append(numbers)
-    return Flipbook(name, list(values), frames, results, start, caption)
+    return Flipbook(name, list(values), frames, results, start, caption, fmt)

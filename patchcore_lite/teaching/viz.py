@@ -2,7 +2,9 @@
 
 Every function builds a ``matplotlib.figure.Figure`` directly instead of going through pyplot: it
 works without a display, leaves no global figure state behind, and a figure returned as a notebook
-cell's result is shown once (pyplot figures would be shown a second time when the cell ends).
+cell's result is shown once (pyplot figures would be shown a second time when the cell ends). The
+other side of that choice: a figure made earlier in a cell is not shown unless passed to ``display``
+(tests/test_book.py checks every chapter for such calls).
 """
 
 from __future__ import annotations
@@ -112,6 +114,15 @@ def failure_cases(labels: ArrayLike, scores: ArrayLike, n: int = 3) -> tuple[np.
     return worst_normal, worst_anomalous
 
 
+def _case_kind(anomalous: bool, score: float, threshold: float | None) -> str:
+    """What a gallery image is: an error only where the threshold makes it one."""
+    if threshold is None:
+        return "lowest-scored anomalous" if anomalous else "highest-scored normal"
+    if anomalous:
+        return "false negative" if score < threshold else "caught, lowest-scored anomalous"
+    return "false positive" if score >= threshold else "passed, highest-scored normal"
+
+
 def plot_failures(
     images: ArrayLike,
     maps: ArrayLike,
@@ -121,28 +132,30 @@ def plot_failures(
     n: int = 3,
     threshold: float | None = None,
     defects: Sequence[str] | None = None,
-    title: str = "Failure gallery: the worst false positives and false negatives",
+    title: str = "Failure gallery: the highest-scored normal and the lowest-scored anomalous images",
 ) -> Figure:
-    """A failure gallery: one column per case of ``failure_cases`` (worst false positives, then worst
-    false negatives), rows image | ground truth | anomaly map, all maps on one colour scale.
+    """A failure gallery: one column per case of ``failure_cases`` (highest-scored normal images, then
+    lowest-scored anomalous ones), rows image | ground truth | anomaly map, all maps on one colour scale.
 
     A cross marks the map's maximum, the place the detector found most anomalous. Each title gives
     the image's score and how many images of the other class it is ranked wrongly against; with a
     ``threshold`` it also says whether the image is flagged, and ``defects`` names each image's defect.
+    A case is called a false positive (negative) only when the threshold flags (passes) it: the worst
+    ranked images need not be errors at a given threshold.
     """
     images, maps, masks, scores, labels = _gallery_inputs(images, maps, masks, scores, labels)
     if defects is not None and len(defects) != len(labels):
         raise ValueError(f"need one defect name per image: {len(defects)} names for {len(labels)} images")
     worst_normal, worst_anomalous = failure_cases(labels, scores, n)
-    cases = [(int(i), "false positive", k + 1) for k, i in enumerate(worst_normal)]
-    cases += [(int(i), "false negative", k + 1) for k, i in enumerate(worst_anomalous)]
+    cases = [(int(i), _case_kind(False, scores[i], threshold), k + 1) for k, i in enumerate(worst_normal)]
+    cases += [(int(i), _case_kind(True, scores[i], threshold), k + 1) for k, i in enumerate(worst_anomalous)]
     chosen = [i for i, _, _ in cases]
     vmin, vmax = float(maps[chosen].min()), float(maps[chosen].max())
     fig = Figure(figsize=(2.7 * len(cases) + 1, 8.2), layout="constrained")
     fig.suptitle(title)
     axes = fig.subplots(3, len(cases), squeeze=False)
     for column, (i, kind, number) in enumerate(cases):
-        if kind == "false positive":  # ranked above anomalous images
+        if not labels[i]:  # ranked above anomalous images
             relation, wrong, against = "above", scores[labels] < scores[i], "anomalous"
         else:  # ranked below normal images
             relation, wrong, against = "below", scores[~labels] > scores[i], "normal"

@@ -9,12 +9,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
-import json
+import os
+import shlex
+import signal
 import sys
-from dataclasses import dataclass
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -28,21 +32,41 @@ from ..datasets import (
     INPUT_SIZE,
     MTD_PREPROCESS,
     MVTEC_PREPROCESS,
+    RUN_MANIFEST,
     Batch,
     Preprocess,
+    Sample,
+    Unscored,
     dataset_kind,
     find_categories,
     list_images,
+    list_inputs,
     load_image,
     train_test_samples,
+    validate_samples,
 )
-from ..errors import ConfigError, DataError, PatchCoreError
+from ..errors import ConfigError, DataError, PatchCoreError, shown
 from ..evaluation import Result, check_test_set, fit_evaluate
 from ..knn import BACKENDS, INDEXES
 from ..model import PatchCore, PatchCoreConfig
 from ..patches import MODES
 from ..teaching.synthetic import CATEGORIES
-from ..thresholds import HOLDOUT, auto_threshold, check_holdout, split_holdout
+from ..thresholds import (
+    HOLDOUT,
+    auto_threshold,
+    check_holdout,
+    split_holdout,
+    threshold_warning,
+)
+from .outputs import (
+    RunLock,
+    atomic_save,
+    atomic_write,
+    check_regular_file,
+    check_writable,
+    sha256_file,
+    write_json,
+)
 from .tables import format_table, write_results
 
 EPILOG = """\
@@ -94,7 +118,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "instead of the paper's eq. 7 reweighting")
     g.add_argument("--squared-distances", action="store_true", help="patch scores are squared L2 distances "
                    "(official code) instead of the Euclidean distances of the paper's eq. 6")
-    g.add_argument("--knn", choices=BACKENDS, default=d.knn_backend, help="search backend (default: %(default)s)")
+    g.add_argument("--knn", choices=BACKENDS, default=d.knn_backend, help="search backend (default: %(default)s; "
+                   "exact = the same results as faiss flat by a certified filter, see chapter 4)")
     g.add_argument("--knn-index", choices=INDEXES, default=d.knn_index,
                    help="flat = exact; ivf, ivfpq = approximate and faster, faiss only (default: %(default)s)")
     g.add_argument("--nprobe", type=int,
@@ -130,18 +155,41 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
 
 
 def _checked_configs(roots: list[Path], args: argparse.Namespace) -> list[PatchCoreConfig]:
-    """Each category's settings, and its test set checked for both labels, before the first fit."""
+    """Each category's settings, its test set checked for both labels and every image and mask decoded
+    (masks must be binary), before the first fit: a problem in the last category costs no fit."""
     configs = []
     for root in roots:
         configs.append(_config(args, root))
-        check_test_set(train_test_samples(root, seed=args.seed)[1], root)
+        train, test = train_test_samples(root, seed=args.seed)
+        check_test_set(test, root)
+        validate_samples(train + test)
     return configs
+
+
+def _check_outputs(roots: list[Path], args: argparse.Namespace, out: Path) -> None:
+    """Every file evaluate will write, checked writable before the first fit, and never inside a folder
+    evaluate reads (its figures would become test images of the next run)."""
+    check_writable(out, "--out", folder=True)
+    for root in roots:
+        for read in [root / "train", root / "test", root / "ground_truth", *root.glob("MT_*")]:
+            if out.resolve().is_relative_to(read.resolve()):
+                raise ConfigError(f"{shown(out)}: --out is inside {shown(read)}, which evaluate reads: its results "
+                                  f"and figures would be read as data next time; use --out {shown(root / 'results')} "
+                                  "or a folder outside the dataset.")
+    names = ["results.csv", "results.json"]
+    if args.figures:
+        names += [f"{root.name}_{kind}.png" for root in roots for kind in ("examples", "roc")]
+    for name in names:
+        check_writable(out / name, f"--out file {name}")
 
 
 def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> list[Result]:
     """Fit and evaluate each category, writing results (in category order) as each one finishes."""
     results, rows = {}, {}
+    _check_outputs(roots, args, out)
     configs = _checked_configs(roots, args)
+    for config in dict.fromkeys(configs):  # settings that cannot apply (a patch larger than the grid)
+        PatchCore(replace(config, pretrained=False)).check_patch_grid()  # strides need no weights
     out.mkdir(parents=True, exist_ok=True)
     for i, result, bank, preprocess in _category_runs(roots, configs, args):
         results[i], rows[i] = result, result.row(memory_bank=bank)
@@ -174,6 +222,7 @@ def _category_runs(roots: list[Path], configs: list[PatchCoreConfig], args: argp
         model = PatchCore(config, weights_path=args.weights, device=args.device)
         print(f"\n== {root.name}: {model.config.backbone}, coreset {model.config.coreset_ratio:.0%}")
         result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures, holdout=args.holdout)
+        print(f"search: {model._check_fitted().describe()}")
         yield i, result, len(model.memory_bank), model.preprocess
 
 
@@ -184,9 +233,9 @@ def _figures(result: Result, out: Path, preprocess: Preprocess) -> None:
     images = [preprocess.unnormalize(preprocess.image(load_image(p))) for p in result.paths]
     fig = viz.plot_examples(images, result.maps, result.masks, result.scores, result.labels,
                             title=f"{result.name}: test images, ground truth, anomaly map")
-    fig.savefig(out / f"{result.name}_examples.png", dpi=100, bbox_inches="tight")
+    atomic_save(out / f"{result.name}_examples.png", lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     fig = viz.plot_roc(result.labels, result.scores, label=result.name).figure
-    fig.savefig(out / f"{result.name}_roc.png", dpi=100, bbox_inches="tight")
+    atomic_save(out / f"{result.name}_roc.png", lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -223,27 +272,46 @@ def _good_images(root: Path, seed: int) -> tuple[list, Path | None]:
 def cmd_fit(args: argparse.Namespace) -> None:
     if args.model.is_dir():
         raise ConfigError(f"--model {args.model} is a folder: give the file to write, e.g. {args.model / 'model.npz'}")
+    check_writable(args.model, "--model")
     images, dataset = _good_images(args.root, args.seed)
+    _refuse_writing_over(args.model, "--model", [s.path if isinstance(s, Sample) else Path(s) for s in images])
     config = _config(args, dataset)
     train, held = split_holdout(images, args.holdout, args.seed, args.root)
+    validate_samples([s if isinstance(s, Sample) else Sample(Path(s), 0, "good", None) for s in images])
+    PatchCore(replace(config, pretrained=False)).check_patch_grid()  # before the weights are loaded
     model = PatchCore(config, weights_path=args.weights, device=args.device).fit(train)
     if held:
         model.calibrate(held)
         rule, value = auto_threshold(model.normal_scores)
-        print(f"held out {len(held)} good images; --threshold auto would be {value:.4f} ({rule})")
+        print(f"held out {len(held)} good images; --threshold auto would be {value:.6f} ({rule})")
+        if warning := threshold_warning(len(held)):
+            print(warning, file=sys.stderr)
     print(f"memory bank: {len(model.memory_bank)} of {model.n_train_patches} patches; saved {model.save(args.model)}")
+    print(f"search: {model._check_fitted().describe()}")
 
 
-def _threshold(args: argparse.Namespace, model: PatchCore) -> tuple[str, float] | None:
-    """(rule, value) of ``--threshold``: a number, ``auto`` (the model's held-out normal scores) or none."""
+def _refuse_writing_over(output: Path, what: str, inputs: list[Path]) -> None:
+    """Refuse an output path that is one of the run's inputs, or a folder holding one: writing it
+    would destroy what the run reads (``fit --model`` onto a training image)."""
+    target = output.resolve()
+    for path in inputs:
+        if path.resolve().is_relative_to(target):
+            raise ConfigError(f"{shown(output)}: {what} would overwrite {shown(path)}, which this run reads; "
+                              "choose another path.")
+
+
+def _threshold(args: argparse.Namespace, model: PatchCore) -> dict | None:
+    """``--threshold`` as threshold.json's record: rule, value (as written) and, for ``auto``, the number of
+    held-out normal scores it rests on (a warning when too few); None without ``--threshold``."""
     if args.threshold is None:
         return None
     if args.threshold != "auto":
-        return "manual", _float_threshold(args.threshold)
+        return {"rule": "manual", "threshold": float(f"{_float_threshold(args.threshold):.6f}")}
     if model.normal_scores is None:
         raise ConfigError(f"{args.model} holds no held-out normal scores (fit with --holdout 0, or by an older "
                           "version), so --threshold auto is unavailable: re-fit it, or give --threshold VALUE.")
-    return auto_threshold(model.normal_scores)
+    rule, value = auto_threshold(model.normal_scores)
+    return {"rule": rule, "threshold": float(f"{value:.6f}"), "n_normal": len(model.normal_scores)}
 
 
 def _float_threshold(text: str) -> float:
@@ -258,59 +326,243 @@ def _float_threshold(text: str) -> float:
 
 COLUMNS = ("path", "score", "decision", "threshold", "max_row", "max_col")
 CONTACT_SHEET_MAX = 48
+OUTPUTS = ("scores.csv", "threshold.json", "unscored.csv", "contact_sheet.png", "maps", "overlays", RUN_MANIFEST)
+CSV_OPEN = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}  # any file name round-trips
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what was kept and how to go on (one line for main to print)."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.message, self.signum = message, signum
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    files = list_images(args.images)
+    """Score images into ``--out``, which the run owns: checked, locked, recorded in run.json, never mixed."""
+    out = args.out
+    check_writable(out, "--out", folder=True)
+    for name in OUTPUTS:
+        check_writable(out / name, f"--out entry {name}", folder=name in ("maps", "overlays"))
+    for path in args.images:
+        if path.is_dir() and path.resolve() == out.resolve():
+            raise ConfigError(f"{shown(out)}: --out is the image folder itself, so its maps and overlays would be "
+                              f"read as images next time; use --out {shown(out / 'predictions')} or another folder.")
+    for name in OUTPUTS:  # --overwrite removes them, a new run replaces them
+        _refuse_writing_over(out / name, f"--out entry {name}", [*args.images, args.model])
+    check_regular_file(args.model, "--model")
+    files, unscored = list_inputs(args.images, exclude=[out])
     model = PatchCore.load(args.model, weights_path=args.weights, device=args.device)
     threshold = _threshold(args, model)
-    threshold_text = "" if threshold is None else f"{threshold[1]:.6f}"
-    for folder in (args.out, *(args.out / d for d in ("maps", "overlays") if _wants(args, d))):
-        folder.mkdir(parents=True, exist_ok=True)
-    if threshold is not None:
-        record = {"rule": threshold[0], "threshold": float(threshold_text), "model": str(args.model)}
-        (args.out / "threshold.json").write_text(json.dumps(record, indent=1) + "\n")
-    csv_path = args.out / "scores.csv"
-    done = _scored_rows(csv_path, files, threshold_text) if args.resume else []
-    # Rows reach the file batch by batch: an interrupted run leaves a valid CSV that --resume continues.
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerows([COLUMNS, *done])
-        f.flush()
-        scored = len(done)
-        try:
-            for rows in _scored_rows_batches(model, files, len(done), threshold_text, args):
+    run = {"written_by": "patchcore_lite predict", "package_version": __version__,
+           "model": {"path": str(args.model), "sha256": sha256_file(args.model)}, "threshold": threshold,
+           "maps": not args.no_maps, "overlays": args.overlays, "batch_size": model.config.batch_size,
+           "started_ns": time.time_ns()}
+    validate_samples([Sample(p, 0, "good", None) for p in files])  # every image decoded before any output
+    with RunLock(out, _command(args)):
+        done = _prepare(out, run, files, args)
+        _write_run_files(out, run, threshold, unscored, resumed=bool(done))
+        if threshold and (warning := threshold_warning(threshold.get("n_normal", FEW))):
+            print(warning, file=sys.stderr)
+        _score_all(model, files, done, threshold, args)
+        if args.overlays:
+            _contact_sheet(out / "scores.csv", out)
+    text = f", threshold {threshold['threshold']:.6f} ({threshold['rule']})" if threshold else ""
+    print(f"scores: {shown(out / 'scores.csv')} ({len(files)} images{text})")
+    if unscored:
+        print(f"not scored: {len(unscored)} entries under the input folders, listed with the reason in "
+              f"{shown(out / 'unscored.csv')}")
+
+
+FEW = 10**9  # a manual threshold rests on no normal scores: no warning
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line, for the lock file and the Ctrl-C message (one line)."""
+    argv = getattr(args, "argv", None) or sys.argv[1:]
+    return shown("python -m patchcore_lite " + shlex.join(argv))
+
+
+def _write_run_files(out: Path, run: dict, threshold: dict | None, unscored: list[Unscored], resumed: bool) -> None:
+    """run.json, threshold.json and unscored.csv, each whole or absent (atomic); on resume only unscored.csv."""
+    if not resumed:
+        write_json(out / RUN_MANIFEST, run)
+        if threshold is not None:
+            write_json(out / "threshold.json", {**threshold, "model": str(run["model"]["path"]),
+                                                "model_sha256": run["model"]["sha256"]})
+    if unscored:
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([("path", "reason"), *((str(u.path), u.reason) for u in unscored)])
+        atomic_write(out / "unscored.csv", text.getvalue().encode("utf-8", "surrogateescape"))
+    else:
+        (out / "unscored.csv").unlink(missing_ok=True)
+
+
+def _prepare(out: Path, run: dict, files: list[Path], args: argparse.Namespace) -> list[list[str]]:
+    """The rows to keep (under the lock): none for a new run; an earlier run's, checked, for --resume.
+    A folder holding another run is refused without --resume or --overwrite: runs never mix."""
+    manifest = out / RUN_MANIFEST
+    ours = [name for name in OUTPUTS if (out / name).exists()]
+    if args.overwrite:
+        _remove_outputs(out)
+        return []
+    if not ours:
+        return []
+    if not manifest.is_file():
+        raise DataError(f"{shown(out)}: holds {', '.join(ours)} but no {RUN_MANIFEST}, so what produced them is unknown; "
+                        "choose another --out, or add --overwrite to replace them.")
+    earlier = _read_manifest(manifest)
+    if not args.resume:
+        raise DataError(f"{shown(out)}: holds an earlier run ({RUN_MANIFEST}); add --resume to continue it, "
+                        "--overwrite to replace it, or choose another --out.")
+    for key, what in (("model", f"--model ({shown(args.model)}: other file contents)"), ("threshold", "--threshold"), ("maps", "--no-maps"),
+                      ("overlays", "--overlays"), ("batch_size", "the model's batch size"),
+                      ("package_version", "patchcore_lite version")):
+        mine, theirs = run[key], earlier.get(key)
+        if key == "model":
+            mine, theirs = mine["sha256"], (theirs or {}).get("sha256")
+        if mine != theirs:
+            raise DataError(f"{shown(out)}: --resume with another {what} than the run it continues "
+                            f"({_brief(theirs)} there, {_brief(mine)} now); use the same settings, or "
+                            "another --out.")
+    run["started_ns"] = earlier["started_ns"]
+    return _scored_rows(out / "scores.csv", files, run)
+
+
+def _brief(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:16] + "..."
+
+
+def _read_manifest(path: Path) -> dict:
+    import json
+
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{shown(path)}: unreadable ({exc}); choose another --out, or --overwrite.") from None
+    if not isinstance(record, dict) or record.get("written_by") != "patchcore_lite predict":
+        raise DataError(f"{shown(path)}: not written by patchcore_lite predict; choose another --out.")
+    return record
+
+
+def _remove_outputs(out: Path) -> None:
+    import shutil
+
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _scored_rows(csv_path: Path, files: list[Path], run: dict) -> list[list[str]]:
+    """The complete rows of the earlier run, read with the csv module (any file name), each one checked.
+
+    A last row cut short by a crash is dropped (scored again); blank lines are ignored; any other damage
+    (a hand edit) is refused naming the row. An image changed on disk after the run started is refused.
+    The file is rewritten (atomically) only when a cut row or blank lines must go."""
+    if not csv_path.exists() or csv_path.stat().st_size == 0:
+        return []
+    raw = csv_path.read_bytes().decode("utf-8", "surrogateescape")
+    lines = list(csv.reader(io.StringIO(raw, newline="")))
+    complete = raw.endswith("\n") and len(lines) > 1 and _well_formed(lines[-1])
+    if not complete and len(lines) > 1:
+        lines = lines[:-1]  # cut short by a crash while writing (even just after a newline in a quoted name)
+    if not lines or tuple(lines[0]) != COLUMNS:
+        raise DataError(f"{shown(csv_path)}: not a scores.csv written by this version of predict; drop --resume.")
+    rows = [row for row in lines[1:] if row]
+    threshold = run["threshold"]
+    threshold_text = "" if threshold is None else f"{threshold['threshold']:.6f}"
+    for i, row in enumerate(rows):
+        where = f"{shown(csv_path)}: row {i + 1}"
+        if i >= len(files) or len(row) != len(COLUMNS) or row[0] != str(files[i]) or row[3] != threshold_text:
+            raise DataError(f"{where} ({shown(row[0]) if row else 'empty'}) is not a row this run wrote for its images "
+                            "and threshold; drop --resume or use another --out.")
+        if not _is_score(row[1]) or row[2] not in ("", "good", "anomalous"):
+            raise DataError(f"{where}: score {shown(row[1])!s} / decision {shown(row[2])!s} was not written by predict "
+                            "(edited?); restore the file or drop --resume.")
+        if os.stat(files[i]).st_mtime_ns > run["started_ns"]:
+            raise DataError(f"{shown(files[i])}: changed after it was scored (row {i + 1} of {shown(csv_path)}); "
+                            "drop --resume to score everything again, or use another --out.")
+    if len(rows) != len(lines) - 1 or not complete:
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([COLUMNS, *rows])
+        atomic_write(csv_path, text.getvalue().encode("utf-8", "surrogateescape"))
+    return rows
+
+
+def _well_formed(row: list[str]) -> bool:
+    """A whole row as predict writes it: six fields, a finite score, and row and column integers."""
+    return len(row) == len(COLUMNS) and _is_score(row[1]) and row[4].isdigit() and row[5].isdigit()
+
+
+def _is_score(text: str) -> bool:
+    try:
+        return np.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _score_all(model: PatchCore, files: list[Path], done: list[list[str]], threshold: dict | None,
+               args: argparse.Namespace) -> None:
+    """Score the images not in ``done``, appending each batch's rows to scores.csv as it is scored.
+
+    Batches start where an uninterrupted run's do (a batch's scores differ in the 6th decimal with its
+    size), so the rows of a cut batch are scored again but not written twice: a resumed run writes the
+    same scores to the last digit."""
+    out = args.out
+    for folder in ("maps", "overlays"):
+        if _wants(args, folder):
+            (out / folder).mkdir(exist_ok=True)
+    threshold_text = "" if threshold is None else f"{threshold['threshold']:.6f}"
+    csv_path, kept = out / "scores.csv", len(done)
+    first = kept - kept % model.config.batch_size
+    try:
+        with open(csv_path, "a", **CSV_OPEN) as f:
+            writer = csv.writer(f)
+            if not done:
+                f.truncate(0)
+                writer.writerow(COLUMNS)
+                f.flush()
+            for start, rows in _scored_rows_batches(model, files, first, threshold_text, args):
+                end, rows = start + len(rows), rows[max(0, kept - start):]
                 writer.writerows(rows)
                 f.flush()
-                scored += len(rows)
+                kept = max(kept, end)
                 for row in rows:
-                    print(f"{float(row[1]):10.4f}  {row[2]:9}  {row[0]}")
-        except PatchCoreError as exc:
-            if args.ray is None:
-                raise
-            raise type(exc)(f"{exc}; {scored} of {len(files)} images are scored in {csv_path} (the first {scored}): "
-                            "rerun with --resume to score the rest") from None
-    if args.overlays:
-        _contact_sheet(csv_path, args.out)
-    print(f"scores: {csv_path}" + (f", threshold {threshold_text} ({threshold[0]})" if threshold else ""))
+                    print(f"{float(row[1]):10.4f}  {row[2]:9}  {shown(row[0])}")
+    except PatchCoreError as exc:
+        if args.ray is None:
+            raise
+        raise type(exc)(f"{exc}; {kept} of {len(files)} images are scored and kept in {shown(csv_path)} "
+                        f"(the first {kept}): continue with: {_command(args)}"
+                        f"{'' if args.resume else ' --resume'}") from None
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        resume = "" if args.resume else " --resume"
+        raise Interrupted(f"{kept} of {len(files)} images scored and kept in {shown(csv_path)}; "
+                          f"continue with: {_command(args)}{resume}", signum) from None
 
 
 def _scored_rows_batches(model: PatchCore, files: list[Path], first: int, threshold_text: str,
-                         args: argparse.Namespace) -> Iterator[list[tuple]]:
-    """The CSV rows of ``files[first:]`` batch by batch, maps and overlays written: scored here, or by
-    Ray actors with ``--ray`` (the same batches, so the same bytes)."""
+                         args: argparse.Namespace) -> Iterator[tuple[int, list[tuple]]]:
+    """(first image, CSV rows) of the batches of ``files[first:]``, their maps and overlays written:
+    scored here, or by Ray actors with ``--ray`` (the same batches, so the same bytes)."""
     if args.ray is None:
         for batch, scores, maps in model.scored_batches(files[first:], progress=False):
-            yield _batch_rows(model, files, first + batch.start, batch, scores, maps, threshold_text, args)
+            start = first + batch.start
+            yield start, _batch_rows(model, files, start, batch, scores, maps, threshold_text, args)
         return
     from . import distributed
 
     threads = torch.get_num_threads()
     with distributed.session(args.ray):
-        for outputs in distributed.predict_outputs(files, first, args.model, args.weights, args.device,
-                                                   model.config.batch_size, threshold_text, not args.no_maps,
-                                                   args.overlays, threads):
-            yield write_outputs(args.out, outputs)
+        for start, outputs in distributed.predict_outputs(files, first, args.model, args.weights, args.device,
+                                                          model.config.batch_size, threshold_text, not args.no_maps,
+                                                          args.overlays, threads):
+            yield start, write_outputs(args.out, outputs)
 
 
 def _wants(args: argparse.Namespace, folder: str) -> bool:
@@ -322,25 +574,10 @@ def _name(index: int, path: Path) -> str:
     return f"{index:06d}_{path.stem}"
 
 
-def _scored_rows(csv_path: Path, files: list[Path], threshold_text: str) -> list[list[str]]:
-    """The complete rows of an earlier run on the same images and threshold, for --resume."""
-    if not csv_path.is_file():
-        return []
-    text = csv_path.read_text()
-    rows = list(csv.reader(text.splitlines()))
-    if not rows or tuple(rows[0]) != COLUMNS:
-        raise DataError(f"{csv_path}: not a scores.csv written by this version of predict; drop --resume.")
-    done = rows[1:] if text.endswith("\n") else rows[1:-1]  # a last row cut short by a crash is scored again
-    for i, row in enumerate(done):
-        if i >= len(files) or row[0] != str(files[i]) or row[3] != threshold_text:
-            raise DataError(f"{csv_path}: row {i + 1} ({row[0]}, threshold {row[3] or 'none'}) is not from this "
-                            "run's images and threshold; drop --resume or use another --out.")
-    return done
-
-
 def _batch_rows(model: PatchCore, files: list[Path], start: int, batch: Batch, scores: torch.Tensor,
                 maps: torch.Tensor, threshold_text: str, args: argparse.Namespace) -> list[tuple]:
-    """Write one scored batch's maps and overlays (its first image is ``files[start]``); return its CSV rows."""
+    """Write one scored batch's maps and overlays (its first image is ``files[start]``), each whole or
+    absent; return its CSV rows."""
     chunk = files[start : start + len(batch.images)]
     outputs = batch_outputs(model, chunk, start, batch, scores, maps, threshold_text, not args.no_maps, args.overlays)
     return write_outputs(args.out, outputs)
@@ -369,7 +606,7 @@ def batch_outputs(model: PatchCore, chunk: list[Path], start: int, batch: Batch,
         row, col = np.unravel_index(int(np.argmax(amap)), amap.shape)
         out = ImageOutput((str(path), score_text, decision, threshold_text, int(row), int(col)), _name(start + i, path))
         if with_maps:
-            buffer = io.BytesIO()
+            buffer = io.BytesIO()  # np.save to a real file writes with tofile, which misses short writes
             np.save(buffer, amap.astype(np.float16))
             out.map_npy = buffer.getvalue()
         if overlays:
@@ -382,9 +619,9 @@ def write_outputs(out: Path, outputs: list[ImageOutput]) -> list[tuple]:
     """Write the maps and overlays of ``outputs`` into ``out``; return their CSV rows."""
     for o in outputs:
         if o.map_npy:
-            (out / "maps" / f"{o.name}.npy").write_bytes(o.map_npy)
+            atomic_write(out / "maps" / f"{o.name}.npy", o.map_npy)
         if o.overlay_png:
-            (out / "overlays" / f"{o.name}.png").write_bytes(o.overlay_png)
+            atomic_write(out / "overlays" / f"{o.name}.png", o.overlay_png)
     return [o.row for o in outputs]
 
 
@@ -407,8 +644,8 @@ def _contact_sheet(csv_path: Path, out: Path) -> None:
 
     from ..teaching import viz
 
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))[1:]
+    with open(csv_path, **CSV_OPEN) as f:
+        rows = [row for row in csv.reader(f)][1:]
     top = sorted(range(len(rows)), key=lambda i: -float(rows[i][1]))[:CONTACT_SHEET_MAX]
     cols, lines = min(6, len(top)), -(-len(top) // 6)
     fig = Figure(figsize=(2.5 * cols, 2.5 * lines), layout="constrained")
@@ -417,9 +654,9 @@ def _contact_sheet(csv_path: Path, out: Path) -> None:
         with Image.open(out / "overlays" / f"{_name(i, Path(rows[i][0]))}.png") as png:
             ax.imshow(np.asarray(png.convert("RGB")))
         path = Path(rows[i][0])
-        ax.set_title(f"{path.parent.name}/{path.name} {float(rows[i][1]):.3f}", fontsize=7)
+        ax.set_title(f"{shown(path.parent.name)}/{shown(path.name)} {float(rows[i][1]):.3f}", fontsize=7)
         ax.axis("off")
-    (out / "contact_sheet.png").write_bytes(viz.png_bytes(fig, dpi=72))
+    atomic_write(out / "contact_sheet.png", viz.png_bytes(fig, dpi=72))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -463,7 +700,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("predict", help="score images (files or folders) with a saved model")
+    p = sub.add_parser("predict", help="score images (files or folders) with a saved model",
+                       description="Score images with a saved model. Folders are searched at any depth; symlinks "
+                       "to files and folders are followed, each folder entered once (a symlink back into a folder "
+                       "already searched is not followed again). Every entry not scored (not an image, hidden, a "
+                       "mask, a broken symlink, an unreadable folder, an earlier run's output folder) is listed "
+                       "with the reason in OUT/unscored.csv. OUT belongs to one run: run.json records the model "
+                       "and settings, a second run into it at the same time is refused, and --resume only "
+                       "continues a run with the same model and settings.")
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--model", type=Path, required=True, help="a model saved by `fit`")
     p.add_argument("--weights", type=Path, help="backbone weights file, if the model needs one")
@@ -471,7 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where scores.csv, threshold.json, maps/ and overlays/ go (default: %(default)s)")
     p.add_argument("--threshold", help="'auto' (from the held-out normal scores saved by fit) or a score: "
                    "adds decision (anomalous if score >= threshold) to the CSV")
-    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/scores.csv, score the rest")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in OUT/scores.csv, score the rest "
+                   "(same model and settings as the run that wrote them, recorded in OUT/run.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in OUT "
+                   "(without it, an OUT holding another run is refused)")
     p.add_argument("--no-maps", action="store_true", help="write no maps/<index>_<name>.npy (float16, input-sized: ~166 kB at 288x288)")
     p.add_argument("--overlays", action="store_true",
                    help="write overlays/<index>_<name>.png and contact_sheet.png (most anomalous first)")
@@ -488,10 +735,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise Interrupted("", signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command: 0 on success; a user error (bad input, or a file that cannot be read or
-    written) is one ``error:`` line on stderr and exit code 2, never a traceback."""
+    written) is one ``error:`` line on stderr and exit code 2, never a traceback. Ctrl-C and SIGTERM
+    end the run cleanly (locks released, partial files removed) with one line and 128 + the signal."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its handler
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if hasattr(args, "device"):
             args.device = resolve_device(args.device)
@@ -499,4 +755,13 @@ def main(argv: list[str] | None = None) -> int:
     except (PatchCoreError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        message = getattr(exc, "message", "") or "nothing more was written"
+        print(f"interrupted ({name}): {message}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -41,7 +41,7 @@ DETECTORS: dict[str, Factory] = {
     "CFA": CFA,  # the fast path's 3 epochs, model selection on held-out normals (see cfa.py)
 }
 
-COLUMNS = ("name", "category", "image_auroc", "pixel_auroc", "aupro", "fit_s", "infer_ms_per_image", "memory_mb")
+COLUMNS = ("name", "category", "image_auroc", "pixel_auroc", "aupro", "fit_s", "infer_ms_per_image", "memory_mib")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
@@ -71,14 +71,14 @@ def fit_all(
 
 
 def comparison_row(detector: Any, result: Result, category: str) -> dict[str, Any]:
-    """One table row (``COLUMNS``): metrics, fit time, inference ms per image and stored MB."""
+    """One table row (``COLUMNS``): metrics, fit time, inference ms per image and stored MiB (2**20 bytes)."""
     return {
         "name": result.name,
         "category": category,
         **{m: result.metrics[m] for m in METRICS},
         "fit_s": result.timings["fit_s"],
         "infer_ms_per_image": 1000 / result.timings["images_per_s"],
-        "memory_mb": detector.memory_bytes / 2**20,
+        "memory_mib": detector.memory_bytes / 2**20,
     }
 
 

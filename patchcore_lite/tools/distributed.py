@@ -235,8 +235,8 @@ class _Scorer:
 def predict_outputs(
     files: Sequence[Path], first: int, model: Path, weights: Path | None, device: str, batch_size: int,
     threshold_text: str, with_maps: bool, overlays: bool, threads: int, workers: int | None = None,
-) -> Iterator[list[Any]]:
-    """The outputs (``cli.ImageOutput``) of ``files[first:]``, batch by batch in input order, scored by
+) -> Iterator[tuple[int, list[Any]]]:
+    """(first image, outputs (``cli.ImageOutput``)) of ``files[first:]``, batch by batch in input order, scored by
     ``workers`` actors (default: as many as the cluster's CPUs allow) in a Ray Data pipeline.
 
     Rows of the dataset are the command line's batches (``files[s:s + batch_size]`` from ``first``),
@@ -265,8 +265,9 @@ def predict_outputs(
         for row in dataset.iter_rows():
             batch.append(ImageOutput(tuple(row[c] for c in COLUMNS[1:7]), row["name"],  # type: ignore[arg-type]
                                      row["map_npy"], row["overlay_png"]))
-            if (int(row["index"]) - first + 1) % batch_size == 0 or int(row["index"]) == len(files) - 1:
-                yield batch
+            index = int(row["index"])
+            if (index - first + 1) % batch_size == 0 or index == len(files) - 1:
+                yield index + 1 - len(batch), batch
                 batch = []
     except ray.exceptions.RayError as exc:
         raise _user_error(exc) from None

@@ -4,6 +4,7 @@ papers' published results read back from ``data/paper_results.csv``."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,21 +12,25 @@ from typing import Any
 
 import numpy as np
 
+from .outputs import atomic_write
+
 
 def write_results(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write result rows (one dict per run) as CSV or JSON, chosen by the file suffix."""
+    """Write result rows (one dict per run) as CSV or JSON, chosen by the file suffix; the file is
+    replaced whole (``outputs.atomic_write``), so an interrupted run leaves the previous table."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
-        path.write_text(json.dumps([dict(row) for row in rows], indent=2, default=_builtin) + "\n")
+        text = json.dumps([dict(row) for row in rows], indent=2, default=_builtin) + "\n"
     elif path.suffix == ".csv":
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_columns(rows))
-            writer.writeheader()
-            writer.writerows(rows)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=_columns(rows))
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buffer.getvalue()
     else:
         raise ValueError(f"{path}: results are written as .csv or .json, not {path.suffix or 'no suffix'}")
-    return path
+    return atomic_write(path, text)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], digits: int = 4) -> str:

@@ -1,0 +1,209 @@
+// Fused certified filter for k = 1 (derivation: exact_search.py; tau_of mirrors Filter.thresholds).
+//
+// An AVX2 register-blocked product (4 queries x 16 bank vectors, fp32 FMA over the K filter
+// columns, the K-loop in order) gives h = |a_m|^2 - 2 a_q.a_m in registers; it is never stored.
+// One compare per 8 lanes against the query's tau keeps the pairs that may be the nearest; a lane
+// under the running minimum also updates the seed (its double-precision distance bounds T_q, which
+// tightens tau_q). Bank tiles of `tile` vectors stay in L2 while every query block passes over them.
+// Finally pairs above the final tau are dropped and each kept pair gets s = sum (q - m)^2 in double.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+const double U32 = std::ldexp(1.0, -24);
+const double TINY = std::ldexp(1.0, -126);
+const double HALF_SUB = std::ldexp(1.0, -150);
+const float INF = std::numeric_limits<float>::infinity();
+
+struct Consts {
+  double sigma, eta, g64;
+};
+
+float round_up_f32(double x) {
+  float f = static_cast<float>(x);
+  if (static_cast<double>(f) < x) f = std::nextafter(f, INF);
+  return f;
+}
+
+// tau_q for an upper bound t of the best ref: Filter.thresholds, term for term.
+float tau_of(double t, const double* pq, const Consts& c) {
+  double tt = (t + HALF_SUB) / (1 - U32);
+  double reach = c.sigma * std::sqrt(tt * (1 + c.eta)) + pq[0];
+  double tau = reach * reach + pq[1] - pq[2];
+  tau = tau + 1e-12 * (reach * reach + pq[2]) + TINY;
+  return round_up_f32(tau);
+}
+
+// sum (q_i - m_i)^2 in double (differences exact unless exponents are far apart; any order: the
+// bound gamma64(D + 2) S does not depend on it). Four accumulators hide the add latency.
+double sq_dist(const float* q, const float* m, int64_t d) {
+  __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256 qa = _mm256_loadu_ps(q + i + 8 * h), ma = _mm256_loadu_ps(m + i + 8 * h);
+      const __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(qa)),
+                                       _mm256_cvtps_pd(_mm256_castps256_ps128(ma)));
+      const __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(qa, 1)),
+                                       _mm256_cvtps_pd(_mm256_extractf128_ps(ma, 1)));
+      if (h == 0) {
+        s0 = _mm256_fmadd_pd(lo, lo, s0);
+        s1 = _mm256_fmadd_pd(hi, hi, s1);
+      } else {
+        s2 = _mm256_fmadd_pd(lo, lo, s2);
+        s3 = _mm256_fmadd_pd(hi, hi, s3);
+      }
+    }
+  }
+  alignas(32) double part[4];
+  _mm256_store_pd(part, _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
+  double s = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; i < d; ++i) {
+    const double v = static_cast<double>(q[i]) - static_cast<double>(m[i]);
+    s += v * v;
+  }
+  return s;
+}
+
+struct Pair {
+  int64_t q, m;
+  float h;
+};
+
+struct Row {  // running state of one query
+  float best = INF, tau = INF;
+  double t = std::numeric_limits<double>::infinity();
+  int64_t count = 0;
+  bool heavy = false;
+};
+
+struct Problem {
+  const float *A, *Bp, *Bsq, *Q, *BK;
+  const double* PQ;
+  int64_t n, kk, d, mlen, panels;
+  Consts c;
+  int64_t cap;
+};
+
+// lanes of h (16 bank vectors from column j0) for query i that passed h <= tau: push, maybe new seed
+void lanes(const Problem& P, const float* h, unsigned mask, int64_t i, int64_t j0, Row& row,
+           std::vector<Pair>& out) {
+  while (mask) {
+    const int l = __builtin_ctz(mask);
+    mask &= mask - 1;
+    if (!(h[l] <= row.tau)) continue;  // tau may have shrunk at an earlier lane
+    const int64_t m = j0 + l;
+    out.push_back({i, m, h[l]});
+    if (++row.count > P.cap) {  // too many candidates: the caller re-filters this query
+      row.heavy = true;
+      row.tau = -INF;
+      return;
+    }
+    if (h[l] < row.best) {  // new filter minimum: its exact distance may tighten T_q
+      row.best = h[l];
+      const double t_up = round_up_f32(sq_dist(P.Q + i * P.d, P.BK + m * P.d, P.d) * (1 + 2 * P.c.g64));
+      if (t_up < row.t) {
+        row.t = t_up;
+        row.tau = tau_of(t_up, P.PQ + i * 3, P.c);
+      }
+    }
+  }
+}
+
+// 4 query rows (i0..i0+3, padded rows have tau = -inf) against panels [p0, p1)
+void block4(const Problem& P, int64_t i0, int64_t p0, int64_t p1, Row* rows, std::vector<Pair>& out) {
+  const int64_t kk = P.kk;
+  const float* a = P.A + i0 * kk;
+  const __m256 two = _mm256_set1_ps(2.f);
+  alignas(32) float h[16];
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* b = P.Bp + p * kk * 16;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+    for (int64_t k = 0; k < kk; ++k) {
+      const __m256 b0 = _mm256_load_ps(b + k * 16), b1 = _mm256_load_ps(b + k * 16 + 8);
+      __m256 x = _mm256_broadcast_ss(a + k);
+      c00 = _mm256_fmadd_ps(x, b0, c00);
+      c01 = _mm256_fmadd_ps(x, b1, c01);
+      x = _mm256_broadcast_ss(a + kk + k);
+      c10 = _mm256_fmadd_ps(x, b0, c10);
+      c11 = _mm256_fmadd_ps(x, b1, c11);
+      x = _mm256_broadcast_ss(a + 2 * kk + k);
+      c20 = _mm256_fmadd_ps(x, b0, c20);
+      c21 = _mm256_fmadd_ps(x, b1, c21);
+      x = _mm256_broadcast_ss(a + 3 * kk + k);
+      c30 = _mm256_fmadd_ps(x, b0, c30);
+      c31 = _mm256_fmadd_ps(x, b1, c31);
+    }
+    const __m256 s0 = _mm256_load_ps(P.Bsq + p * 16), s1 = _mm256_load_ps(P.Bsq + p * 16 + 8);
+    const __m256 acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+    for (int r = 0; r < 4; ++r) {
+      const __m256 h0 = _mm256_fnmadd_ps(two, acc[r][0], s0), h1 = _mm256_fnmadd_ps(two, acc[r][1], s1);
+      const __m256 t = _mm256_set1_ps(rows[r].tau);
+      const unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(h0, t, _CMP_LE_OQ)) |
+                            (_mm256_movemask_ps(_mm256_cmp_ps(h1, t, _CMP_LE_OQ)) << 8);
+      if (mask) {
+        _mm256_store_ps(h, h0);
+        _mm256_store_ps(h + 8, h1);
+        lanes(P, h, mask, i0 + r, p * 16, rows[r], out);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// aq (n4, K) with n4 a multiple of 4 (rows >= n are padding); bank_p (panels, K, 16); bank_sq (panels*16,)
+// (+inf in padding); q (n, D), bank (M, D); per_query (n, 3) float64: e_q + e_max, E_G(q), |a_q|^2.
+// Returns qi, mi, s (double squared distance) of the candidate pairs, t (n,) upper bounds of each
+// query's best ref, heavy (n,) bool: queries that passed `cap` candidates (their pairs are dropped).
+std::vector<at::Tensor> filter_knn1(at::Tensor aq, at::Tensor bank_p, at::Tensor bank_sq, at::Tensor q,
+                                    at::Tensor bank, at::Tensor per_query, double sigma, double eta, double g64,
+                                    int64_t tile, int64_t cap) {
+  Problem P{aq.data_ptr<float>(), bank_p.data_ptr<float>(), bank_sq.data_ptr<float>(), q.data_ptr<float>(),
+            bank.data_ptr<float>(), per_query.data_ptr<double>(), q.size(0), aq.size(1), q.size(1),
+            bank.size(0), bank_p.size(0), {sigma, eta, g64}, cap};
+  const int64_t n4 = aq.size(0), blocks = n4 / 4, ptile = std::max<int64_t>(1, tile / 16);
+  std::vector<Row> rows(n4);
+  for (int64_t i = P.n; i < n4; ++i) rows[i].tau = -INF;  // padding rows never match
+  const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  std::vector<std::vector<Pair>> found(nth);
+  for (auto& v : found) v.reserve(static_cast<size_t>(P.n / nth + 1) * 64);
+  at::parallel_for(0, nth, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t th = t0; th < t1; ++th) {
+      const int64_t b0 = blocks * th / nth, b1 = blocks * (th + 1) / nth;
+      for (int64_t p0 = 0; p0 < P.panels; p0 += ptile)  // bank tile in L2, every block of this thread
+        for (int64_t blk = b0; blk < b1; ++blk)
+          block4(P, blk * 4, p0, std::min(P.panels, p0 + ptile), rows.data() + blk * 4, found[th]);
+      std::vector<Pair>& out = found[th];
+      size_t kept = 0;
+      for (const Pair& p : out)  // the final tau: earlier panels used looser ones
+        if (!rows[p.q].heavy && p.h <= rows[p.q].tau) out[kept++] = p;
+      out.resize(kept);
+    }
+  });
+  int64_t total = 0, pushed = 0;
+  for (auto& v : found) total += static_cast<int64_t>(v.size());
+  for (const Row& r : rows) pushed += r.count;
+  at::Tensor qi = at::empty({total}, at::kLong), mi = at::empty({total}, at::kLong);
+  at::Tensor s = at::empty({total}, at::kDouble), t = at::empty({P.n}, at::kDouble);
+  at::Tensor heavy = at::empty({P.n}, at::kBool);
+  for (int64_t i = 0; i < P.n; ++i) {
+    t.data_ptr<double>()[i] = rows[i].t;
+    heavy.data_ptr<bool>()[i] = rows[i].heavy;
+  }
+  int64_t o = 0;
+  for (auto& v : found)
+    for (const Pair& p : v) {
+      qi.data_ptr<int64_t>()[o] = p.q;
+      mi.data_ptr<int64_t>()[o] = p.m;
+      s.data_ptr<double>()[o++] = sq_dist(P.Q + p.q * P.d, P.BK + p.m * P.d, P.d);
+    }
+  return {qi, mi, s, t, heavy, at::scalar_tensor(static_cast<double>(pushed), at::kDouble)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("filter_knn1", &filter_knn1, "fused certified k=1 filter"); }
