@@ -5,7 +5,7 @@ eq. 6: ``min_m ||m_test - m||_2``); eq. 7 needs its k nearest. Exact search cost
 This module does the same exact search with far fewer flops: a certified lower bound of every
 distance, computed from the bank's leading principal components and one residual norm (K = 33
 columns instead of D), discards almost all bank vectors; the few left are re-ranked exactly.
-``knn.NearestNeighbors(bank, "exact")`` (the default of ``PatchCoreConfig``) is this index.
+``knn.NearestNeighbors(bank, "exact")`` is this index (opt-in: ``knn_backend="exact"``; the default stays faiss Flat, RESULTS.md says why).
 
 Result definition (implementation independent)
 -----------------------------------------------
