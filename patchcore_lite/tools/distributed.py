@@ -93,6 +93,12 @@ def connect(address: str | None) -> None:
                 ray.init(address="local", include_dashboard=False, log_to_driver=False)
     except ConnectionError as exc:
         raise ClusterError(_connect_message(address or "a local instance", exc)) from None
+    except Exception as exc:  # Ray raises a bare Exception when a node's start times out
+        if "timed out during startup" not in str(exc):
+            raise
+        raise ClusterError("Ray's local start timed out: its raylet waits a fixed 15 s for its agents, whose imports "
+                           "took longer on this busy machine (ray-project/ray#65983); retry when it is less loaded, "
+                           "or start a cluster with `ray start --head` and give its address to --ray") from None
     from ray.data import DataContext
 
     context = DataContext.get_current()
