@@ -492,6 +492,20 @@ def p1_evaluate_out_inside_the_test_set(lab: Lab, tmp: Path, capsys) -> None:
     assert a["image_auroc"] == b["image_auroc"] and a["pixel_auroc"] == b["pixel_auroc"], "outputs read back as inputs"
 
 
+def p1_evaluate_out_is_the_category(lab: Lab, tmp: Path, capsys) -> None:
+    """evaluate --out CATEGORY --figures put its figures beside train/ and test/: predict CATEGORY then scored them
+    as images. Refused, or never scored."""
+    cat = _category(tmp / "widget")
+    first = cli(capsys, "evaluate", cat, "--out", cat, "--figures", *FIT)
+    if first.rc == 2:
+        refused(first, str(cat))
+        assert sorted(p.name for p in cat.iterdir()) == ["ground_truth", "test", "train"]
+        return
+    succeeded(first)
+    succeeded(cli(capsys, *predict(lab, tmp / "out", cat)))
+    assert not [p for p in scored(tmp / "out") if p.endswith(("_examples.png", "_roc.png"))], "figures scored"
+
+
 def p1_evaluate_into_a_used_out(lab: Lab, tmp: Path, capsys) -> None:
     """evaluate --out did not own its folder: a second evaluation replaced results.csv without a word and left
     the first one's figures beside the new results. Refused naming the folder, everything intact; --overwrite
@@ -541,8 +555,8 @@ def p1_evaluate_refused_under_its_lock_leaves_nothing(lab: Lab, tmp: Path, capsy
 P1 = [p1_resume_with_another_model, p1_resume_after_the_model_file_was_refit, p1_refused_resume_keeps_threshold_json,
       p1_resume_with_other_outputs, p1_rerun_without_resume_never_mixes, p1_out_inside_the_input_folder_run_twice,
       p1_out_is_the_input_folder, p1_out_is_an_existing_file, p1_concurrent_run_refused_and_killed_run_not_blocking,
-      p1_disk_full_during_resume_keeps_rows, p1_evaluate_out_inside_the_test_set, p1_evaluate_into_a_used_out,
-      p1_predict_and_evaluate_never_share_an_out, p1_evaluate_refused_under_its_lock_leaves_nothing]
+      p1_disk_full_during_resume_keeps_rows, p1_evaluate_out_inside_the_test_set, p1_evaluate_out_is_the_category,
+      p1_evaluate_into_a_used_out, p1_predict_and_evaluate_never_share_an_out, p1_evaluate_refused_under_its_lock_leaves_nothing]
 
 
 @pytest.mark.parametrize("case", P1, ids=lambda f: f.__name__[3:])

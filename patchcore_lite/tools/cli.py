@@ -190,6 +190,10 @@ def _check_outputs(roots: list[Path], out: Path, names: list[str]) -> None:
     evaluate reads (its figures would become test images of the next run)."""
     check_writable(out, "--out", folder=True)
     for root in roots:
+        if out.resolve() == root.resolve():
+            raise ConfigError(f"{shown(out)}: --out is the dataset folder itself: its figures would sit beside train/ "
+                              f"and test/ and be scored as images by predict; use --out {shown(root / 'results')} or a "
+                              "folder outside the dataset.")
         for read in [root / "train", root / "test", root / "ground_truth", *root.glob("MT_*")]:
             if out.resolve().is_relative_to(read.resolve()):
                 raise ConfigError(f"{shown(out)}: --out is inside {shown(read)}, which evaluate reads: its results "
