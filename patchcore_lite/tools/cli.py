@@ -693,10 +693,14 @@ def _interrupt(signum: int, frame: object) -> NoReturn:
     raise Interrupted("", signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, exiting: bool = False) -> int:
     """Run a command: 0 on success; a user error (bad input, or a file that cannot be read or
     written) is one ``error:`` line on stderr and exit code 2, never a traceback. Ctrl-C and SIGTERM
-    end the run cleanly (locks released, partial files removed) with one line and 128 + the signal."""
+    end the run cleanly (locks released, partial files removed) with one line and 128 + the signal.
+
+    ``exiting``: the process ends right after (``python -m patchcore_lite``), so Ctrl-C and SIGTERM stay
+    ignored once the command is done: one arriving while the interpreter shuts down (torch's exit hooks
+    import modules) cannot print a traceback. Otherwise the handlers found are restored."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     previous = {}
@@ -715,5 +719,5 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signum
     finally:
         for stop, handler in previous.items():
-            signal.signal(stop, handler)
+            signal.signal(stop, signal.SIG_IGN if exiting else handler)
     return 0
