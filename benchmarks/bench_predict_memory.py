@@ -1,4 +1,4 @@
-"""Peak memory of streaming ``predict``: 100 images against 1,000 (issue 15's target: within 150 MB).
+"""Peak memory of streaming ``predict``: 100 images against 1,000 (issue 15's target: within 150 MB; measured in MiB).
 
     python benchmarks/bench_predict_memory.py [--category tile] [--counts 100 1000]
 
@@ -22,13 +22,13 @@ from patchcore_lite.tools.cli import main as cli
 
 RUN = (
     "import resource, sys; from patchcore_lite.tools.cli import main; code = main(sys.argv[1:]); "
-    "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(code)"
+    "print('peak_rss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(code)"
 )
 
 
-def peak_rss_mb(args: list[str]) -> float:
+def peak_rss_mib(args: list[str]) -> float:
     done = subprocess.run([sys.executable, "-c", RUN, *args], capture_output=True, text=True, check=True)
-    return float(done.stdout.split("peak_rss_mb")[-1])
+    return float(done.stdout.split("peak_rss_mib")[-1])
 
 
 def main() -> None:
@@ -44,9 +44,9 @@ def main() -> None:
         for count in args.counts:
             files = (images * (count // len(images) + 1))[:count]
             out = Path(tmp) / f"predict_{count}"
-            mb = peak_rss_mb(["predict", "--model", str(model), *files, "--out", str(out), "--threshold", "auto"])
+            mib = peak_rss_mib(["predict", "--model", str(model), *files, "--out", str(out), "--threshold", "auto"])
             rows = len((out / "scores.csv").read_text().splitlines()) - 1
-            print(f"{count:5d} images ({rows} rows, {len(list((out / 'maps').iterdir()))} maps): peak RSS {mb:.0f} MB")
+            print(f"{count:5d} images ({rows} rows, {len(list((out / 'maps').iterdir()))} maps): peak RSS {mib:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -334,7 +334,7 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-RUN_MANIFEST = "run.json"  # written by predict into its --out: marks an output folder
+RUN_MANIFEST = "run.json"  # written by predict and evaluate into their --out: marks an output folder
 
 
 @dataclass(frozen=True)
@@ -346,12 +346,12 @@ class Unscored:
 
 
 def is_output_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds a predict run's outputs (its run.json): never read back as input."""
+    """Whether ``folder`` holds a predict or evaluate run's outputs (its run.json): never read back as input."""
     try:
         record = json.loads((folder / RUN_MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and record.get("written_by") == "patchcore_lite predict"
+    return isinstance(record, dict) and str(record.get("written_by")).startswith("patchcore_lite ")
 
 
 def _file_reason(path: Path, siblings: set[str]) -> str | None:
@@ -403,7 +403,7 @@ def _walk(root: Path, excluded: set[tuple[int, int]]) -> tuple[list[Path], list[
                 elif entry.name == "ground_truth":
                     skipped.append(Unscored(path, "masks folder (ground_truth/, not entered)"))
                 elif key in excluded or is_output_folder(path):
-                    skipped.append(Unscored(path, "output folder of a predict run (not entered)"))
+                    skipped.append(Unscored(path, "output folder of a predict or evaluate run (not entered)"))
                 elif key in entered:
                     skipped.append(Unscored(path, f"symlink to a folder already searched ({shown(entered[key])})"))
                 else:
@@ -431,7 +431,7 @@ def list_inputs(
     ``_walk``). Not scored, and listed with the reason: files without an image suffix, hidden files and
     folders, MVTec masks (``ground_truth/`` folders, ``*_mask`` files), Magnetic Tile Defects masks (a
     ``.png`` beside a ``.jpg`` of the same name), broken symlinks, FIFOs, sockets and devices, unreadable
-    folders, and output folders of predict (``run.json``) or ``exclude``. A file named explicitly is kept
+    folders, and output folders of predict and evaluate (``run.json``) or ``exclude``. A file named explicitly is kept
     (and checked when it is loaded) unless it is not a regular file. A missing path, or a folder with no
     image, is a DataError naming it.
     """
@@ -677,8 +677,11 @@ def validate_samples(samples: Iterable[Sample]) -> None:
     truncated file; decoding runs in threads (Pillow releases the GIL).
     """
     samples = list(samples)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
         problems = [p for found in pool.map(_sample_problems, samples) for p in found]
+    finally:  # on Ctrl-C, files not yet decoded are dropped instead of waited for
+        pool.shutdown(cancel_futures=True)
     if len(problems) == 1:  # one line, as every other error
         raise DataError(f"{problems[0]} (1 problem in {len(samples)} images; nothing was computed)")
     if problems:

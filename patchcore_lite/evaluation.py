@@ -104,16 +104,22 @@ def fit_evaluate(
     progress: bool = True,
     keep_maps: bool = False,
     holdout: float = 0.0,
+    samples: tuple[list[Sample], list[Sample]] | None = None,
 ) -> Result:
     """Fit on ``root``'s normal training images, then evaluate on its test set.
 
     With ``holdout`` > 0 that fraction of the training images (seeded) stays out of the fit; their
     scores set ``thresholds.auto_threshold``, and the metrics gain precision, recall and false-positive
     rate at it: what the automatic threshold costs on labelled data.
-    The test set's labels and every file are checked first: a problem never surfaces after the fit."""
-    train, test = train_test_samples(root, seed=seed)
-    check_test_set(test, root)
-    validate_samples(train + test)
+    The test set's labels and every file are checked first: a problem never surfaces after the fit.
+    ``samples``: ``root``'s (train, test) as the caller listed and checked them (``check_test_set``,
+    ``validate_samples``, as the command line does for every category before the first fit); they are
+    not decoded again."""
+    if samples is None:
+        samples = train_test_samples(root, seed=seed)
+        check_test_set(samples[1], root)
+        validate_samples(samples[0] + samples[1])
+    train, test = samples
     train, held = split_holdout(train, holdout, seed, root) if holdout else (train, [])
     start = time.perf_counter()
     detector.fit(ImageDataset(train, detector.preprocess), progress=progress)
@@ -122,6 +128,6 @@ def fit_evaluate(
     result = evaluate(detector, test_set, name or Path(root).name, progress, keep_maps)
     result.timings = {"fit_s": fit_seconds, **result.timings}
     if held:
-        _, threshold = auto_threshold(detector.predict(held, progress=False).scores)
+        _, threshold = auto_threshold(detector.predict(ImageDataset(held, detector.preprocess), progress=False).scores)
         result.metrics.update(auto_threshold=threshold, **decision_rates(result.labels, result.scores, threshold))
     return result

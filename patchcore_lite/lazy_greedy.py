@@ -19,7 +19,7 @@ How it stays identical to the plain loop, ties included (lowest index wins):
   recomputed exactly; ``_kernels_match`` checks on the machine at hand that the BLAS sums each
   dot product the same way in the batched and matrix-vector products (if not, the plain loop runs).
 
-The hot set holds ``min(HOT, max(64, N // 8))`` points (``HOT`` = 16384: 8 MB at d = 128,
+The hot set holds ``min(HOT, max(64, N // 8))`` points (``HOT`` = 16384: 8 MiB at d = 128,
 cache-sized), so below about ``8 * HOT`` points it is an eighth of the bank. ``tests/test_coreset.py``
 checks the indices against the plain loop on random and clustered banks, near-ties and duplicates.
 """
@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 from .coreset import PICKED, distances_to, finish, greedy_coreset, greedy_start
 
 _UNIT = 2.0**-24  # float32 unit roundoff
-HOT = 16384  # points kept up to date per pick (about 8 MB at d = 128)
+HOT = 16384  # points kept up to date per pick (8 MiB of float32 at d = 128)
 _COMPACT_EVERY = 32  # picks between checks whether the hot set can shrink
 _LAG_RATIO = 1.25  # catch-up groups points whose missed-pick counts differ by < 25%
-_FILTER_ELEMS = 1 << 21  # entries of one filter matrix product (8 MB)
+_FILTER_ELEMS = 1 << 21  # entries of one filter matrix product (8 MiB of float32)
 _FIRST_WINDOW = 128  # catch-up: the newest 128 missed picks first, then 256, 512, ...
 
 

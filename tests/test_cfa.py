@@ -213,6 +213,26 @@ def test_radius_is_learned_only_when_asked():
     assert [h["radius"] for h in learned.history] == sorted(h["radius"] for h in learned.history)
 
 
+def test_loss_terms_train_on_the_chosen_term_only():
+    images = _images(4)
+    # L_rep alone at the official start (r^2 << alpha): no active term, zero gradient, so AdamW's
+    # update is 0 and only its decoupled weight decay moves the weights: w * (1 - lr * wd) per step.
+    start = _tiny(learn_radius=False, loss_terms="rep")
+    before = [p.detach().clone() for p in start.descriptor.parameters()]
+    rep_only = _tiny(epochs=2, learn_radius=False, loss_terms="rep").fit(images, progress=False)
+    steps = 2 * 1  # 2 epochs of one batch (4 images, batch 4)
+    decay = (1 - rep_only.config.lr * rep_only.config.weight_decay) ** steps
+    for b, a in zip(before, rep_only.descriptor.parameters()):
+        assert torch.allclose(a, b * decay, rtol=1e-5, atol=1e-7)
+    assert all(h["l_rep"] == 0 for h in rep_only.history[1:]) and rep_only.history[-1]["l_att"] > 0
+    # L_att alone moves the weights by far more than the decay, and both terms are still measured.
+    att_only = _tiny(epochs=2, learn_radius=False, loss_terms="att").fit(images, progress=False)
+    moved = max((a - b * decay).abs().max().item() for b, a in zip(before, att_only.descriptor.parameters()))
+    assert moved > 1e-4 and att_only.history[2]["l_att"] < att_only.history[1]["l_att"]
+    with pytest.raises(ConfigError, match="loss_terms"):
+        CFAConfig(loss_terms="both")
+
+
 def test_score_batch_shapes_and_errors():
     with pytest.raises(RuntimeError, match="fit"):
         _tiny().score_batch(_images(1))

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,30 @@ def test_magnetic_tiles_refuse_resize_and_crop(tmp_path: Path, capsys):
     for option in ("--resize", "--crop"):
         assert main(["evaluate", str(mtd), option, "200", "--out", str(tmp_path)]) == 2
         assert f"resized whole to the square input ({INPUT_SIZE}x{INPUT_SIZE})" in _one_error_line(capsys)
+
+
+TINY = ["--random-init", "--backbone", "resnet18", "--resize", "32", "--crop", "32"]  # a 4x4 patch grid
+
+
+def test_each_file_is_decoded_once_to_check_it_and_once_to_use_it(tmp_path: Path, monkeypatch):
+    """The check before work decodes every image and mask once (evaluate, fit and predict decoded each
+    twice before any work: the loader checked again what the command had checked); the run then reads each
+    file once to use it."""
+    from patchcore_lite import datasets
+
+    widget = make_category(tmp_path / "widget", n_train=4)
+    real, opened = datasets._open_decoded, Counter()
+    monkeypatch.setattr(datasets, "_open_decoded", lambda path: opened.update([path]) or real(path))
+    model = tmp_path / "m.npz"
+    train = sorted((widget / "train").rglob("*.png"))
+    test = sorted((widget / "test").rglob("*.png")) + sorted((widget / "ground_truth").rglob("*.png"))
+    for argv, files in ((["evaluate", widget, "--out", tmp_path / "evaluated"], train + test),
+                        (["fit", widget / "train", "--model", model], train),
+                        (["predict", widget / "test", "--model", model, "--out", tmp_path / "predicted"],
+                         sorted((widget / "test").rglob("*.png")))):
+        opened.clear()
+        assert main([str(a) for a in argv] + (TINY if argv[0] != "predict" else [])) == 0
+        assert opened == dict.fromkeys(files, 2), f"{argv[0]}: {opened}"
 
 
 def test_a_test_set_without_anomalies_is_refused_before_the_fit(tmp_path: Path, capsys, monkeypatch):

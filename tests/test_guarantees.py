@@ -1,10 +1,13 @@
 """Adversarial tests for "Trust every output" (principles 1-6): black-box, through the command line only.
 
-Every case drives ``main`` (the one import below: repoint it when the module moves) or
-``python -m patchcore_lite`` in a subprocess (for signals, concurrent runs, file-size limits and
-runs without root's permission override). Data and models are tiny and made here: 32x32 noise
-PNGs, a random-init resnet18 read at 32 pixels (a 4x4 patch grid), so an in-process run costs
-about a second and a subprocess mostly its imports.
+Every case drives ``main`` in this process (the one import below: repoint it when the module
+moves). ``python -m patchcore_lite`` runs in a subprocess only where the process is the point: Ctrl-C
+as a shell sees it, and a run that holds its folder while another starts, then is killed (SIGKILL).
+A full disk (a lowered soft RLIMIT_FSIZE), root without its permission override (capabilities
+dropped from this thread's effective set) and signals at a chosen moment (sent to this process from
+a wrapped ``os.fsync``) are made in-process and undone after. Data and models are tiny and made
+here: 32x32 noise PNGs, a random-init resnet18 read at 32 pixels (a 4x4 patch grid), so an
+in-process run costs about a second and a subprocess mostly its imports (about 10 s).
 
 The contract these tests hold an implementation to (see DESIGN.md):
   * a refusal is exit code 2 and exactly one stderr line ``error: ...`` naming the file at fault,
@@ -69,6 +72,10 @@ class Run:
         """stderr as lines, progress bars (carriage returns) split apart, blank ones dropped."""
         return [line for line in re.split(r"[\r\n]+", self.err) if line.strip()]
 
+    def messages(self) -> list[str]:
+        """stderr lines without the progress bars (``desc: 40%|####  | 2/5 [...]``)."""
+        return [line for line in self.lines() if not re.search(r"\|\s*\d+/\d+ \[", line)]
+
     def warnings(self) -> list[str]:
         return [line for line in self.lines() if line.startswith("warning:")]
 
@@ -80,7 +87,7 @@ def cli(capsys, *argv: object) -> Run:
         rc = main([str(a) for a in argv])
     except SystemExit as exc:
         rc = exc.code
-    except Exception as exc:  # noqa: BLE001 (a traceback for a user: the case fails on rc)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 (a traceback for a user: the case fails on rc)
         rc = f"uncaught {type(exc).__name__}: {exc}"
     captured = capsys.readouterr()
     return Run(rc, captured.out, captured.err)
@@ -108,11 +115,11 @@ def _env() -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
-def spawn(*argv: object, cwd: Path, preexec: Callable[[], None] | None = None) -> subprocess.Popen:
+def spawn(*argv: object, cwd: Path) -> subprocess.Popen:
     """``python -m patchcore_lite argv`` in a new process (its own process group: signals reach only it)."""
     return subprocess.Popen([sys.executable, "-m", "patchcore_lite", *map(str, argv)], cwd=cwd, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="surrogateescape", preexec_fn=preexec, start_new_session=True)
+                            errors="surrogateescape", start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> Run:
@@ -125,22 +132,48 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> Run:
     return Run(proc.returncode, out, err)
 
 
-def without_root_override() -> None:
-    """preexec_fn: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so that mode 000 stops root too."""
-    if os.geteuid() != 0:
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@contextlib.contextmanager
+def without_root_override() -> Iterator[None]:
+    """In this process, mode 000 stops root too: CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH leave this thread's
+    effective set (threads it starts inherit it; the permitted set keeps them) and come back afterwards."""
+    if not IS_ROOT:
+        yield
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone from the bounding set at exec
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    saved = data[0].effective
+    data[0].effective &= ~((1 << 1) | (1 << 2))  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    try:
+        yield
+    finally:
+        data[0].effective = saved
+        libc.capset(ctypes.byref(header), data)
 
 
-def file_size_limit(limit: int) -> Callable[[], None]:
-    """preexec_fn: a simulated full disk: no file may grow past ``limit`` bytes (EFBIG, not SIGXFSZ)."""
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """A simulated full disk in this process: no file may grow past ``limit`` bytes (EFBIG, not SIGXFSZ).
+    Only the soft limit is lowered, so it can be raised back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 def wait_for_rows(csv_path: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -413,8 +446,8 @@ def p1_concurrent_run_refused_and_killed_run_not_blocking(lab: Lab, tmp: Path, c
     proc = spawn(*first, cwd=tmp)
     try:
         wait_for_rows(out / "scores.csv", 1, proc)
-        second = cli(capsys, *predict(lab, out, lab.images[:2]))
-        refused(second, str(out))
+        refused(cli(capsys, *predict(lab, out, lab.images[:2])), str(out))
+        refused(cli(capsys, "evaluate", _category(tmp / "widget"), "--out", out, *FIT), str(out))
     finally:
         proc.kill()
         proc.wait()
@@ -431,7 +464,8 @@ def p1_disk_full_during_resume_keeps_rows(lab: Lab, tmp: Path, capsys) -> None:
     succeeded(cli(capsys, *predict(lab, out, lab.images[:3])))
     before = csv_table(out)
     limit = (out / "scores.csv").stat().st_size - 20
-    run = finish(spawn(*predict(lab, out, lab.images[:6], "--resume"), cwd=tmp, preexec=file_size_limit(limit)))
+    with file_size_limit(limit):
+        run = cli(capsys, *predict(lab, out, lab.images[:6], "--resume"))
     refused(run)
     assert csv_table(out)[: len(before)] == before, "rows written before the full disk were lost"
     for path in out.rglob("*"):
@@ -458,10 +492,71 @@ def p1_evaluate_out_inside_the_test_set(lab: Lab, tmp: Path, capsys) -> None:
     assert a["image_auroc"] == b["image_auroc"] and a["pixel_auroc"] == b["pixel_auroc"], "outputs read back as inputs"
 
 
+def p1_evaluate_out_is_the_category(lab: Lab, tmp: Path, capsys) -> None:
+    """evaluate --out CATEGORY --figures put its figures beside train/ and test/: predict CATEGORY then scored them
+    as images. Refused, or never scored."""
+    cat = _category(tmp / "widget")
+    first = cli(capsys, "evaluate", cat, "--out", cat, "--figures", *FIT)
+    if first.rc == 2:
+        refused(first, str(cat))
+        assert sorted(p.name for p in cat.iterdir()) == ["ground_truth", "test", "train"]
+        return
+    succeeded(first)
+    succeeded(cli(capsys, *predict(lab, tmp / "out", cat)))
+    assert not [p for p in scored(tmp / "out") if p.endswith(("_examples.png", "_roc.png"))], "figures scored"
+
+
+def p1_evaluate_into_a_used_out(lab: Lab, tmp: Path, capsys) -> None:
+    """evaluate --out did not own its folder: a second evaluation replaced results.csv without a word and left
+    the first one's figures beside the new results. Refused naming the folder, everything intact; --overwrite
+    replaces the earlier evaluation whole."""
+    out = tmp / "out"
+    succeeded(cli(capsys, "evaluate", _category(tmp / "widget"), "--out", out, "--figures", *FIT))
+    before = snapshot(out)
+    gadget = _category(tmp / "gadget")
+    refused(cli(capsys, "evaluate", gadget, "--out", out, *FIT), str(out))
+    assert snapshot(out) == before
+    (out / "notes.txt").write_text("mine\n")  # a file of the user's, which a hand-edited run.json lists
+    (tmp / "outside.txt").write_text("mine\n")
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**record, "outputs": [*record["outputs"], "notes.txt", "../outside.txt"]}))
+    succeeded(cli(capsys, "evaluate", gadget, "--out", out, "--overwrite", *FIT))
+    assert not [name for name in snapshot(out) if name.endswith(".png")], "the first evaluation's figures were kept"
+    assert [r["name"] for r in json.loads((out / "results.json").read_text())] == ["gadget"]
+    assert (out / "notes.txt").is_file() and (tmp / "outside.txt").is_file(), "--overwrite removed a file not its own"
+
+
+def p1_predict_and_evaluate_never_share_an_out(lab: Lab, tmp: Path, capsys) -> None:
+    """A folder one command owns is refused by the other, even with --overwrite (which replaces only that
+    command's own outputs): predict's scores.csv never sits beside evaluate's results.csv."""
+    evaluated, predicted = tmp / "evaluated", tmp / "predicted"
+    cat = _category(tmp / "widget")
+    succeeded(cli(capsys, "evaluate", cat, "--out", evaluated, *FIT))
+    succeeded(cli(capsys, *predict(lab, predicted, lab.images[:2])))
+    for run, out in ((predict(lab, evaluated, lab.images[:2], "--overwrite"), evaluated),
+                     (["evaluate", cat, "--out", predicted, "--overwrite", *FIT], predicted)):
+        before = snapshot(out)
+        refused(cli(capsys, *run), str(out))
+        assert snapshot(out) == before
+
+
+def p1_evaluate_refused_under_its_lock_leaves_nothing(lab: Lab, tmp: Path, capsys) -> None:
+    """A problem found once the folder is locked (a mask that is not binary) writes nothing and holds nothing:
+    the corrected run goes into the same --out without --overwrite."""
+    cat, out = _category(tmp / "widget"), tmp / "out"
+    mask = cat / "ground_truth" / "scratch" / "000_mask.png"
+    _save_mask(mask, _soft_edges())
+    refused(cli(capsys, "evaluate", cat, "--out", out, *FIT), "000_mask.png")
+    assert snapshot(out) == {}
+    _save_mask(mask, _region() * 255)
+    succeeded(cli(capsys, "evaluate", cat, "--out", out, *FIT))
+
+
 P1 = [p1_resume_with_another_model, p1_resume_after_the_model_file_was_refit, p1_refused_resume_keeps_threshold_json,
       p1_resume_with_other_outputs, p1_rerun_without_resume_never_mixes, p1_out_inside_the_input_folder_run_twice,
       p1_out_is_the_input_folder, p1_out_is_an_existing_file, p1_concurrent_run_refused_and_killed_run_not_blocking,
-      p1_disk_full_during_resume_keeps_rows, p1_evaluate_out_inside_the_test_set]
+      p1_disk_full_during_resume_keeps_rows, p1_evaluate_out_inside_the_test_set, p1_evaluate_out_is_the_category,
+      p1_evaluate_into_a_used_out, p1_predict_and_evaluate_never_share_an_out, p1_evaluate_refused_under_its_lock_leaves_nothing]
 
 
 @pytest.mark.parametrize("case", P1, ids=lambda f: f.__name__[3:])
@@ -545,7 +640,8 @@ def p2_unreadable_subfolder(lab: Lab, tmp: Path, capsys) -> None:
     (data / "locked").chmod(0)
     out = tmp / "out"
     try:
-        run = finish(spawn(*predict(lab, out, data), cwd=tmp, preexec=without_root_override))
+        with without_root_override():
+            run = cli(capsys, *predict(lab, out, data))
     finally:
         (data / "locked").chmod(0o755)
     if run.rc == 2:
@@ -564,7 +660,8 @@ def p2_unreadable_image_named_and_results_kept(lab: Lab, tmp: Path, capsys) -> N
     succeeded(cli(capsys, *predict(lab, out, data)))
     before = snapshot(out)
     png(data / "zz.png", 55).chmod(0)
-    run = finish(spawn(*predict(lab, out, data, "--resume"), cwd=tmp, preexec=without_root_override))
+    with without_root_override():
+        run = cli(capsys, *predict(lab, out, data, "--resume"))
     if run.rc == 2:
         line = refused(run, "zz.png")
         assert re.search(r"unreadable|permission", line, re.IGNORECASE) and "corrupt" not in line, line
@@ -879,12 +976,20 @@ def test_5_auto_threshold_never_flags_its_own_normals(case, tmp_path: Path, caps
 # ============================================================================= 6. interrupted runs, any file name
 
 
-def _interrupt(lab: Lab, tmp: Path, capsys, signum: int) -> None:
-    out = tmp / "out"
+def p6_ctrl_c(lab: Lab, tmp: Path, capsys) -> None:
+    """Issue: Ctrl-C printed a KeyboardInterrupt traceback. One line (kept rows, the command to resume), exit 130,
+    as a shell sees it: a real process, SIGINT sent to its process group as a terminal does, and sent again every
+    10 ms until it has exited (an impatient user: the clean-up and the interpreter's shutdown, whose exit hooks
+    once printed a traceback, are hit too). SIGTERM, and a second signal at the worst moment of the clean-up, are
+    sent in-process: test_6_a_second_signal_during_clean_up."""
+    signum, out = signal.SIGINT, tmp / "out"
     argv = predict(lab, out, lab.slow, "--overlays", model=lab.model_bs1)
     proc = spawn(*argv, cwd=tmp)
     wait_for_rows(out / "scores.csv", 2, proc)
-    os.killpg(proc.pid, signum)  # as a terminal does: the whole process group
+    while proc.poll() is None:  # Ctrl-C, then Ctrl-C again and again until it has exited (clean-up, shutdown)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)  # as a terminal does: the whole process group
+        time.sleep(0.01)
     run = finish(proc, timeout=60)
     assert run.rc == 128 + signum, f"exit code {run.rc}, expected {128 + signum}\n{run.err[-3000:]}"
     lines = run.lines()
@@ -896,16 +1001,6 @@ def _interrupt(lab: Lab, tmp: Path, capsys, signum: int) -> None:
     with deadline(120):
         succeeded(cli(capsys, *argv, "--resume"))
     assert scored(out) == [str(p) for p in lab.slow]
-
-
-def p6_ctrl_c(lab: Lab, tmp: Path, capsys) -> None:
-    """Issue: Ctrl-C printed a KeyboardInterrupt traceback. One line (kept rows, the command to resume), exit 130."""
-    _interrupt(lab, tmp, capsys, signal.SIGINT)
-
-
-def p6_sigterm(lab: Lab, tmp: Path, capsys) -> None:
-    """SIGTERM (a scheduler's stop): the same clean end, exit 143; the lock released."""
-    _interrupt(lab, tmp, capsys, signal.SIGTERM)
 
 
 def p6_trailing_blank_line(lab: Lab, tmp: Path, capsys) -> None:
@@ -1007,23 +1102,45 @@ def p6_hand_edited_short_row(lab: Lab, tmp: Path, capsys) -> None:
     assert snapshot(out) == before
 
 
-def p6_image_changed_since_scored(lab: Lab, tmp: Path, capsys) -> None:
-    """An image replaced on disk after it was scored: --resume refuses naming it, or scores it again."""
-    data, out = tmp / "data", tmp / "out"
-    images = folder_of(data, range(600, 603))
-    succeeded(cli(capsys, *predict(lab, out, images[:2])))
-    before = snapshot(out)
-    time.sleep(0.05)
-    png(images[1], 699)  # same name, other pixels
-    run = cli(capsys, *predict(lab, out, images, "--resume"))
-    if run.rc == 2:
-        refused(run, images[1].name)
-        assert snapshot(out) == before
-        return
-    succeeded(run)
-    fresh = tmp / "fresh"
-    succeeded(cli(capsys, *predict(lab, fresh, images[1:2])))
-    assert rows(out)[1]["score"] == rows(fresh)[0]["score"], "a stale score was kept for a changed image"
+def _changed_image_case(keep_time: bool) -> Callable:
+    def case(lab: Lab, tmp: Path, capsys) -> None:
+        """An image replaced on disk after it was scored (with ``keep_time``, its old modification time put back,
+        as cp -p, rsync -t or an archive do: a time check misses it): --resume refuses naming it, or scores it
+        again."""
+        data, out = tmp / "data", tmp / "out"
+        images = folder_of(data, range(600, 603))
+        succeeded(cli(capsys, *predict(lab, out, images[:2])))
+        before, old = snapshot(out), images[1].stat()
+        time.sleep(0.05)
+        png(images[1], 699)  # same name, other pixels
+        if keep_time:
+            os.utime(images[1], ns=(old.st_atime_ns, old.st_mtime_ns))
+        run = cli(capsys, *predict(lab, out, images, "--resume"))
+        if run.rc == 2:
+            refused(run, images[1].name)
+            assert snapshot(out) == before
+            return
+        succeeded(run)
+        fresh = tmp / "fresh"
+        succeeded(cli(capsys, *predict(lab, fresh, images[1:2])))
+        assert rows(out)[1]["score"] == rows(fresh)[0]["score"], "a stale score was kept for a changed image"
+    case.__name__ = f"p6_image_changed_since_scored{'_time_kept' if keep_time else ''}"
+    return case
+
+
+def p6_touched_files_resume(lab: Lab, tmp: Path, capsys) -> None:
+    """--resume trusted file times: images and a model only touched (or copied with new times) after the run
+    were refused as changed. The contents decide: the rows are kept and the rest is scored."""
+    data, out, model = tmp / "data", tmp / "out", tmp / "m.npz"
+    images = folder_of(data, range(610, 614))
+    shutil.copy(lab.model_a, model)
+    succeeded(cli(capsys, *predict(lab, out, images[:2], model=model)))
+    before = rows(out)
+    later = time.time_ns() + 3600 * 10**9
+    for path in (*images, model):
+        os.utime(path, ns=(later, later))
+    succeeded(cli(capsys, *predict(lab, out, images, "--resume", model=model)))
+    assert rows(out)[:2] == before and scored(out) == [str(p) for p in images]
 
 
 def p6_resume_with_nothing_to_resume(lab: Lab, tmp: Path, capsys) -> None:
@@ -1033,19 +1150,93 @@ def p6_resume_with_nothing_to_resume(lab: Lab, tmp: Path, capsys) -> None:
     assert scored(out) == [str(p) for p in lab.images[:2]]
 
 
-P6 = [p6_ctrl_c, p6_sigterm, p6_trailing_blank_line, *(_odd_name_case(n) for n in NAMES.values()),
+P6 = [p6_ctrl_c, p6_trailing_blank_line, *(_odd_name_case(n) for n in NAMES.values()),
       p6_resume_reproduces_the_uninterrupted_scores, p6_resume_after_an_empty_csv, p6_cut_inside_a_quoted_file_name,
       p6_hand_edited_score,
-      p6_hand_edited_short_row, p6_image_changed_since_scored, p6_resume_with_nothing_to_resume]
-P6_IDS = ["ctrl_c", "sigterm", "trailing_blank_line", *(f"file_name_{k}" for k in NAMES),
+      p6_hand_edited_short_row, _changed_image_case(False), _changed_image_case(True), p6_touched_files_resume,
+      p6_resume_with_nothing_to_resume]
+P6_IDS = ["ctrl_c", "trailing_blank_line", *(f"file_name_{k}" for k in NAMES),
           "resume_reproduces_the_uninterrupted_scores", "resume_after_an_empty_csv", "cut_inside_a_quoted_file_name",
           "hand_edited_score",
-          "hand_edited_short_row", "image_changed_since_scored", "resume_with_nothing_to_resume"]
+          "hand_edited_short_row", "image_changed_since_scored", "image_changed_since_scored_time_kept",
+      "touched_files_resume", "resume_with_nothing_to_resume"]
 
 
 @pytest.mark.parametrize("case", P6, ids=P6_IDS)
 def test_6_interrupted_runs_and_any_file_name(case, lab: Lab, tmp_path: Path, capsys):
     case(lab, tmp_path, capsys)
+
+
+@contextlib.contextmanager
+def signal_twice(signum: int, saving: str, nth: int = 1) -> Iterator[dict[str, int | bool]]:
+    """``signum`` while the ``nth`` file whose temporary name holds ``saving`` is written (at its fsync), and
+    ``signum`` again while the clean-up removes that temporary file: the worst moment for a second Ctrl-C (or a
+    scheduler's second SIGTERM). Both are real signals sent to this process; the command runs in it (``cli``)."""
+    real_fsync, real_unlink = os.fsync, os.unlink
+    state = {"seen": 0, "first": False, "second": False}
+
+    def fsync(fd: int) -> None:
+        if not state["first"] and saving in os.readlink(f"/proc/self/fd/{fd}"):
+            state["seen"] += 1
+            if state["seen"] == nth:
+                state["first"] = True
+                os.kill(os.getpid(), signum)
+        real_fsync(fd)
+
+    def unlink(path, *args, **kwargs) -> None:
+        if state["first"] and not state["second"]:
+            state["second"] = True
+            os.kill(os.getpid(), signum)
+        real_unlink(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "fsync", fsync)
+        patch.setattr(os, "unlink", unlink)
+        yield state
+
+
+def _interrupted_twice(run: Run, state: dict, signum: int, out: Path, *needles: str) -> None:
+    assert state["first"] and state["second"], f"the signals were not sent: {state}"
+    assert run.rc == 128 + signum, f"exit code {run.rc}, expected {128 + signum}\n{run.err[-3000:]}"
+    lines = run.messages()
+    assert len(lines) == 1 and "Traceback" not in run.err, f"expected one line, got:\n{run.err[-3000:]}"
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    left = [str(p) for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not left, f"half-written temporary files left: {left}"
+    for path in out.rglob("*.npy"):
+        np.load(path)  # a half-written map raises here
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_6_a_second_signal_during_clean_up_predict(signum: int, lab: Lab, tmp_path: Path, capsys):
+    """A second Ctrl-C (or SIGTERM: a scheduler's stop, exit 143) while the first one's clean-up removes a
+    half-written map: one line, exit 128 + the signal, no temporary file left; the rows of the finished batch
+    kept, the lock released, and --resume completes the run."""
+    out = tmp_path / "out"
+    argv = predict(lab, out, lab.images[:4])  # batch size 2: the second batch's first map is cut
+    with signal_twice(signum, f"{os.sep}.000002_") as state:
+        run = cli(capsys, *argv)
+    _interrupted_twice(run, state, signum, out, "--resume", "2 of 4")
+    assert scored(out) == [str(p) for p in lab.images[:2]]
+    succeeded(cli(capsys, *argv, "--resume"))
+    assert scored(out) == [str(p) for p in lab.images[:4]]
+
+
+def test_6_a_second_signal_during_clean_up_evaluate(tmp_path: Path, capsys):
+    """The same for evaluate, cut while replacing results.csv after its second category: one line saying what
+    was kept, the first category's table whole, the lock released (the next run, with --overwrite, goes ahead)."""
+    root, out = tmp_path / "categories", tmp_path / "out"
+    for name in ("gadget", "widget"):
+        _category(root / name)
+    argv = ["evaluate", root, "--out", out, *FIT]
+    with signal_twice(signal.SIGINT, ".results.csv.", nth=2) as state:
+        run = cli(capsys, *argv)
+    _interrupted_twice(run, state, signal.SIGINT, out, "1 of 2", "results.csv")
+    assert [r["name"] for r in json.loads((out / "results.json").read_text())] == ["gadget"]
+    with open(out / "results.csv", newline="") as f:
+        assert [r["name"] for r in csv.DictReader(f)] == ["gadget"]
+    succeeded(cli(capsys, *argv, "--overwrite"))
 
 
 # ----------------------------------------------------------------------------- 7. chapters assert only what is robust

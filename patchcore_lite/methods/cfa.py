@@ -27,7 +27,9 @@ abnormal patch, which no training pushed there, ends up far away.
       L_rep = 1/(T J) sum_t sum_{j=K+1..K+J} max(0, r^2 - D_t^j - alpha)  / nu
       L_CFA = L_att + L_rep
 
-  (1/nu as the official code, nu = 1e-3; alpha = 0.1; K = J = 3.)
+  (1/nu as the official code, nu = 1e-3; alpha = 0.1; K = J = 3.) Training minimises L_CFA;
+  ``loss_terms="att"`` or ``"rep"`` minimises one term alone (both are still recorded), the
+  ablation of the paper's Table 5.
 * Score: with d_t^k the Euclidean distances to the K nearest memory vectors,
   ``A_t = softmin(d_t^1..d_t^K)_1 * d_t^1``: the nearest distance weighted by how much nearer the
   nearest vector is than the next ones (certainty). Maps are upsampled bilinearly and blurred with
@@ -95,6 +97,7 @@ from ..scoring import anomaly_maps
 
 PAPER_EPOCHS = 30
 BANKS = ("position_mean", "kmeans_ema")  # the official code's memory bank, the paper's Algorithm 1
+LOSS_TERMS = ("att+rep", "att", "rep")  # L_CFA (the paper, default); one term alone: its Table 5 ablation
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class CFAConfig:
     nu: float = 1e-3  # losses are divided by nu
     radius: float = 1e-5  # initial r
     learn_radius: bool = True  # official: r is learned; anomalib: fixed
+    loss_terms: str = "att+rep"  # what training minimises: L_att + L_rep (paper); "att" or "rep" alone (ablation)
     epochs: int = 3  # fast path; the paper trains PAPER_EPOCHS
     batch_size: int = 4
     lr: float = 1e-3
@@ -130,6 +134,7 @@ class CFAConfig:
         """Refuse any setting out of range with a ConfigError, before a backbone is built."""
         check_detector_config(self, self.layers)
         check_choice("bank", self.bank, BANKS)
+        check_choice("loss_terms", self.loss_terms, LOSS_TERMS)
         check_real("beta", self.beta, lambda v: 0 < v <= 1, "in (0, 1]")
         for name, minimum in (("gamma_d", 1), ("gamma_c", 1), ("k", 1), ("j", 0), ("epochs", 0)):
             check_int(name, getattr(self, name), minimum)
@@ -346,8 +351,8 @@ class CFA(BackboneDetector[CFAConfig]):
     Args: as ``BackboneDetector`` (``CFAConfig``); the descriptor and distances run on ``device`` too.
 
     The backbone is frozen, so ``fit`` extracts the training features once and keeps them in memory
-    for all epochs: N x h x w x D floats (30 images with EfficientNet-Lite0: 66 MB; WRN50's
-    D = 1792 needs ten times that).
+    for all epochs: N x h x w x D floats (30 images with EfficientNet-Lite0, 56 x 56 x 176: 63 MiB;
+    WRN50's D = 1792 needs ten times that).
 
     After ``fit``: ``memory_bank`` (M, D'), ``radius``, ``history`` (one dict per epoch: the mean
     training losses ``loss``, ``l_att``, ``l_rep`` (NaN for epoch 0, before training), r at the
@@ -429,13 +434,17 @@ class CFA(BackboneDetector[CFAConfig]):
     def _epoch(
         self, feats: torch.Tensor, optimizer: torch.optim.Optimizer, generator: torch.Generator
     ) -> tuple[float, float]:
-        """One pass over the training features in seeded random batches: mean (L_att, L_rep) over it."""
+        """One pass over the training features in seeded random batches: mean (L_att, L_rep) over it.
+
+        Both terms are measured; ``loss_terms`` says which of them the step minimises.
+        """
         c, att_sum, rep_sum = self.config, 0.0, 0.0
+        use_att, use_rep = ("att" in c.loss_terms), ("rep" in c.loss_terms)
         for batch in torch.randperm(len(feats), generator=generator).split(c.batch_size):
             dist_sq = self._distances(self.descriptor(feats[batch]), c.k + c.j)
             att, rep = cfa_loss(dist_sq, self.radius, c.k, c.alpha, c.nu)
             optimizer.zero_grad()
-            (att + rep).backward()
+            (use_att * att + use_rep * rep).backward()
             optimizer.step()
             att_sum += att.item() * len(batch)
             rep_sum += rep.item() * len(batch)

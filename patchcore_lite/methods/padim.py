@@ -36,9 +36,9 @@ Localization-master; chapter 5b lists them too):
   each position's matrix again for every test set.
 
 Memory: PaDiM keeps ``h * w * d^2`` precision entries. WRN50 at 224 (56 x 56
-grid, d = 550): 3136 * 550^2 * 4 bytes = 3.8 GB per category in float32 (the
+grid, d = 550): 3136 * 550^2 * 4 bytes = 3.5 GiB per category in float32 (the
 reference code's float32 covariances take the same), independent of the number
-of training images; EfficientNet-Lite0 with d = 100: 125 MB.
+of training images; EfficientNet-Lite0 with d = 100: 3136 * 100^2 * 4 bytes = 120 MiB.
 """
 
 from __future__ import annotations

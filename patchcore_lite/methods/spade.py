@@ -32,7 +32,7 @@ Deviations (there is no official code; chapter 5b lists them too):
 
 Memory: SPADE keeps every training pixel feature. Per category that is
 ``N * h * w * D * 4`` bytes: for WRN50 (D = 1792, 56 x 56) and MVTec's 391
-hazelnut images 8.8 GB; for EfficientNet-Lite0 (D = 176) 0.86 GB.
+hazelnut images 8.2 GiB; for EfficientNet-Lite0 (D = 176) 0.80 GiB.
 """
 
 from __future__ import annotations

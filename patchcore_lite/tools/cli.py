@@ -12,13 +12,12 @@ import argparse
 import contextlib
 import csv
 import io
-import os
+import re
 import shlex
 import signal
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,6 +33,7 @@ from ..datasets import (
     MVTEC_PREPROCESS,
     RUN_MANIFEST,
     Batch,
+    ImageDataset,
     Preprocess,
     Sample,
     Unscored,
@@ -64,6 +64,8 @@ from .outputs import (
     atomic_write,
     check_regular_file,
     check_writable,
+    earlier_run,
+    remove_outputs,
     sha256_file,
     write_json,
 )
@@ -94,6 +96,11 @@ def _add_run_options(p: argparse.ArgumentParser, ray: bool = False) -> None:
     if ray:
         p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run on Ray: a local instance, or the "
                        "cluster at ADDRESS (HOST:PORT of `ray start --head`); needs `pip install ray[data]`")
+
+
+def _add_overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace the results and figures of an earlier "
+                   "evaluation in OUT (without it, an OUT holding one is refused; OUT/run.json records the run)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -154,56 +161,95 @@ def _config(args: argparse.Namespace, root: Path | None) -> PatchCoreConfig:
     )
 
 
-def _checked_configs(roots: list[Path], args: argparse.Namespace) -> list[PatchCoreConfig]:
-    """Each category's settings, its test set checked for both labels and every image and mask decoded
-    (masks must be binary), before the first fit: a problem in the last category costs no fit."""
-    configs = []
+Checked = tuple[PatchCoreConfig, list[Sample], list[Sample]]
+
+
+def _checked_categories(roots: list[Path], args: argparse.Namespace) -> list[Checked]:
+    """Each category's settings and its train and test samples, the test set checked for both labels and
+    every image and mask decoded once (masks must be binary), before the first fit: a problem in the last
+    category costs no fit, and the fits read the same samples without decoding them again."""
+    checked = []
     for root in roots:
-        configs.append(_config(args, root))
+        config = _config(args, root)
         train, test = train_test_samples(root, seed=args.seed)
         check_test_set(test, root)
         validate_samples(train + test)
-    return configs
+        checked.append((config, train, test))
+    for config in dict.fromkeys(c for c, _, _ in checked):  # settings that cannot apply (a patch larger than the grid)
+        PatchCore(replace(config, pretrained=False)).check_patch_grid()  # strides need no weights
+    return checked
 
 
-def _check_outputs(roots: list[Path], args: argparse.Namespace, out: Path) -> None:
+def _evaluate_outputs(roots: list[Path], args: argparse.Namespace) -> list[str]:
+    """The files evaluate writes into --out (run.json first)."""
+    names = [RUN_MANIFEST, "results.csv", "results.json"]
+    if args.figures:
+        names += [f"{root.name}_{kind}.png" for root in roots for kind in ("examples", "roc")]
+    return names
+
+
+def _figure_names(record: dict | None) -> list[str]:
+    """The figures an earlier evaluation lists in its run.json (only names evaluate gives figures: an edited
+    record cannot make --overwrite remove another file)."""
+    listed = (record or {}).get("outputs")
+    if not isinstance(listed, list):
+        return []
+    return [name for name in listed if isinstance(name, str) and re.fullmatch(r"[^/]+_(examples|roc)\.png", name)]
+
+
+def _check_outputs(roots: list[Path], out: Path, names: list[str]) -> None:
     """Every file evaluate will write, checked writable before the first fit, and never inside a folder
     evaluate reads (its figures would become test images of the next run)."""
     check_writable(out, "--out", folder=True)
     for root in roots:
+        if out.resolve() == root.resolve():
+            raise ConfigError(f"{shown(out)}: --out is the dataset folder itself: its figures would sit beside train/ "
+                              f"and test/ and be scored as images by predict; use --out {shown(root / 'results')} or a "
+                              "folder outside the dataset.")
         for read in [root / "train", root / "test", root / "ground_truth", *root.glob("MT_*")]:
             if out.resolve().is_relative_to(read.resolve()):
                 raise ConfigError(f"{shown(out)}: --out is inside {shown(read)}, which evaluate reads: its results "
                                   f"and figures would be read as data next time; use --out {shown(root / 'results')} "
                                   "or a folder outside the dataset.")
-    names = ["results.csv", "results.json"]
-    if args.figures:
-        names += [f"{root.name}_{kind}.png" for root in roots for kind in ("examples", "roc")]
     for name in names:
         check_writable(out / name, f"--out file {name}")
 
 
 def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> list[Result]:
-    """Fit and evaluate each category, writing results (in category order) as each one finishes."""
-    results, rows = {}, {}
-    _check_outputs(roots, args, out)
-    configs = _checked_configs(roots, args)
-    for config in dict.fromkeys(configs):  # settings that cannot apply (a patch larger than the grid)
-        PatchCore(replace(config, pretrained=False)).check_patch_grid()  # strides need no weights
-    out.mkdir(parents=True, exist_ok=True)
-    for i, result, bank, preprocess in _category_runs(roots, configs, args):
-        results[i], rows[i] = result, result.row(memory_bank=bank)
-        table = [rows[j] for j in sorted(rows)]
-        write_results(table, out / "results.csv")  # after every category: nothing finished is lost
-        write_results(table, out / "results.json")
-        if args.figures:
-            _figures(result, out, preprocess or PatchCore(configs[i], weights_path=args.weights).preprocess)
+    """Fit and evaluate each category into --out, which the run owns (checked, locked, recorded in run.json,
+    never mixed with an earlier run), writing results (in category order) as each category finishes."""
+    names = _evaluate_outputs(roots, args)
+    _check_outputs(roots, out, names)
+    with RunLock(out, _command(args)):
+        earlier = earlier_run(out, names, EVALUATE, args.overwrite)
+        if earlier is not None and not args.overwrite:  # results never replaced in silence, nor figures mixed
+            raise DataError(f"{shown(out)}: holds an earlier evaluation ({RUN_MANIFEST}); add --overwrite to replace "
+                            "it, or choose another --out.")
+        checked = _checked_categories(roots, args)
+        if args.overwrite:
+            remove_outputs(out, [*names, *_figure_names(earlier)])
+        write_json(out / RUN_MANIFEST, {"written_by": EVALUATE, "package_version": __version__,
+                                        "command": _command(args), "roots": [str(r) for r in roots],
+                                        "settings": {r.name: asdict(c) for r, (c, _, _) in zip(roots, checked)},
+                                        "outputs": names})
+        results, rows = {}, {}
+        try:
+            for i, result, bank, preprocess in _category_runs(roots, checked, args):
+                results[i], rows[i] = result, result.row(memory_bank=bank)
+                table = [rows[j] for j in sorted(rows)]
+                write_results(table, out / "results.csv")  # after every category: nothing finished is lost
+                write_results(table, out / "results.json")
+                if args.figures:
+                    _figures(result, out, preprocess or PatchCore(checked[i][0], weights_path=args.weights).preprocess)
+        except KeyboardInterrupt as exc:
+            raise _interrupted(exc, f"{len(rows)} of {len(roots)} categories evaluated and kept in "
+                                    f"{shown(out / 'results.csv')}; run again with --overwrite to redo them") from None
     print("\n" + format_table([rows[j] for j in sorted(rows)]))
     print(f"\nresults: {out / 'results.csv'}")
     return [results[j] for j in sorted(results)]
 
 
-def _category_runs(roots: list[Path], configs: list[PatchCoreConfig], args: argparse.Namespace
+def _category_runs(roots: list[Path], checked: list[Checked], args: argparse.Namespace
                    ) -> Iterator[tuple[int, Result, int, Preprocess | None]]:
     """(position, result, bank size, preprocessing if at hand) of each category as it finishes: one
     after the other here, or as Ray tasks with ``--ray`` (the same numbers at the same thread count)."""
@@ -214,14 +260,15 @@ def _category_runs(roots: list[Path], configs: list[PatchCoreConfig], args: argp
         print(f"Ray: {len(roots)} categories as tasks, {threads} thread(s) each")
         with distributed.session(args.ray):
             for i, result, bank, node in distributed.evaluate_categories(
-                    roots, configs, args.weights, args.device, args.seed, args.holdout, args.figures, threads):
+                    roots, checked, args.weights, args.device, args.seed, args.holdout, args.figures, threads):
                 print(f"== {roots[i].name}: done on node {node[:8]}")
                 yield i, result, bank, None
         return
-    for i, (root, config) in enumerate(zip(roots, configs)):
+    for i, (root, (config, train, test)) in enumerate(zip(roots, checked)):
         model = PatchCore(config, weights_path=args.weights, device=args.device)
         print(f"\n== {root.name}: {model.config.backbone}, coreset {model.config.coreset_ratio:.0%}")
-        result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures, holdout=args.holdout)
+        result = fit_evaluate(model, root, seed=args.seed, keep_maps=args.figures, holdout=args.holdout,
+                              samples=(train, test))
         print(f"search: {model._check_fitted().describe()}")
         yield i, result, len(model.memory_bank), model.preprocess
 
@@ -274,14 +321,16 @@ def cmd_fit(args: argparse.Namespace) -> None:
         raise ConfigError(f"--model {args.model} is a folder: give the file to write, e.g. {args.model / 'model.npz'}")
     check_writable(args.model, "--model")
     images, dataset = _good_images(args.root, args.seed)
-    _refuse_writing_over(args.model, "--model", [s.path if isinstance(s, Sample) else Path(s) for s in images])
+    samples = [s if isinstance(s, Sample) else Sample(Path(s), 0, "good", None) for s in images]
+    _refuse_writing_over(args.model, "--model", [s.path for s in samples])
     config = _config(args, dataset)
-    train, held = split_holdout(images, args.holdout, args.seed, args.root)
-    validate_samples([s if isinstance(s, Sample) else Sample(Path(s), 0, "good", None) for s in images])
+    train, held = split_holdout(samples, args.holdout, args.seed, args.root)
+    validate_samples(samples)  # decoded once here; the datasets below are read without checking again
     PatchCore(replace(config, pretrained=False)).check_patch_grid()  # before the weights are loaded
-    model = PatchCore(config, weights_path=args.weights, device=args.device).fit(train)
+    model = PatchCore(config, weights_path=args.weights, device=args.device)
+    model.fit(ImageDataset(train, model.preprocess))
     if held:
-        model.calibrate(held)
+        model.calibrate(ImageDataset(held, model.preprocess))
         rule, value = auto_threshold(model.normal_scores)
         print(f"held out {len(held)} good images; --threshold auto would be {value:.6f} ({rule})")
         if warning := threshold_warning(len(held)):
@@ -324,7 +373,8 @@ def _float_threshold(text: str) -> float:
     return value
 
 
-COLUMNS = ("path", "score", "decision", "threshold", "max_row", "max_col")
+PREDICT, EVALUATE = "patchcore_lite predict", "patchcore_lite evaluate"  # run.json's written_by
+COLUMNS = ("path", "score", "decision", "threshold", "max_row", "max_col", "sha256")
 CONTACT_SHEET_MAX = 48
 OUTPUTS = ("scores.csv", "threshold.json", "unscored.csv", "contact_sheet.png", "maps", "overlays", RUN_MANIFEST)
 CSV_OPEN = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}  # any file name round-trips
@@ -336,6 +386,11 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
         super().__init__(message)
         self.message, self.signum = message, signum
+
+
+def _interrupted(exc: KeyboardInterrupt, message: str) -> Interrupted:
+    """``exc`` (Ctrl-C, or SIGTERM as raised by ``_interrupt``) with what was kept and how to go on."""
+    return Interrupted(message, getattr(exc, "signum", signal.SIGINT))
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -354,10 +409,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     files, unscored = list_inputs(args.images, exclude=[out])
     model = PatchCore.load(args.model, weights_path=args.weights, device=args.device)
     threshold = _threshold(args, model)
-    run = {"written_by": "patchcore_lite predict", "package_version": __version__,
+    run = {"written_by": PREDICT, "package_version": __version__,
            "model": {"path": str(args.model), "sha256": sha256_file(args.model)}, "threshold": threshold,
-           "maps": not args.no_maps, "overlays": args.overlays, "batch_size": model.config.batch_size,
-           "started_ns": time.time_ns()}
+           "maps": not args.no_maps, "overlays": args.overlays, "batch_size": model.config.batch_size}
     validate_samples([Sample(p, 0, "good", None) for p in files])  # every image decoded before any output
     with RunLock(out, _command(args)):
         done = _prepare(out, run, files, args)
@@ -401,17 +455,12 @@ def _write_run_files(out: Path, run: dict, threshold: dict | None, unscored: lis
 def _prepare(out: Path, run: dict, files: list[Path], args: argparse.Namespace) -> list[list[str]]:
     """The rows to keep (under the lock): none for a new run; an earlier run's, checked, for --resume.
     A folder holding another run is refused without --resume or --overwrite: runs never mix."""
-    manifest = out / RUN_MANIFEST
-    ours = [name for name in OUTPUTS if (out / name).exists()]
+    earlier = earlier_run(out, OUTPUTS, PREDICT, args.overwrite)
     if args.overwrite:
-        _remove_outputs(out)
+        remove_outputs(out, OUTPUTS)
         return []
-    if not ours:
+    if earlier is None:
         return []
-    if not manifest.is_file():
-        raise DataError(f"{shown(out)}: holds {', '.join(ours)} but no {RUN_MANIFEST}, so what produced them is unknown; "
-                        "choose another --out, or add --overwrite to replace them.")
-    earlier = _read_manifest(manifest)
     if not args.resume:
         raise DataError(f"{shown(out)}: holds an earlier run ({RUN_MANIFEST}); add --resume to continue it, "
                         "--overwrite to replace it, or choose another --out.")
@@ -425,7 +474,6 @@ def _prepare(out: Path, run: dict, files: list[Path], args: argparse.Namespace) 
             raise DataError(f"{shown(out)}: --resume with another {what} than the run it continues "
                             f"({_brief(theirs)} there, {_brief(mine)} now); use the same settings, or "
                             "another --out.")
-    run["started_ns"] = earlier["started_ns"]
     return _scored_rows(out / "scores.csv", files, run)
 
 
@@ -434,35 +482,13 @@ def _brief(value: object) -> str:
     return text if len(text) <= 40 else text[:16] + "..."
 
 
-def _read_manifest(path: Path) -> dict:
-    import json
-
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{shown(path)}: unreadable ({exc}); choose another --out, or --overwrite.") from None
-    if not isinstance(record, dict) or record.get("written_by") != "patchcore_lite predict":
-        raise DataError(f"{shown(path)}: not written by patchcore_lite predict; choose another --out.")
-    return record
-
-
-def _remove_outputs(out: Path) -> None:
-    import shutil
-
-    for name in OUTPUTS:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
 def _scored_rows(csv_path: Path, files: list[Path], run: dict) -> list[list[str]]:
     """The complete rows of the earlier run, read with the csv module (any file name), each one checked.
 
     A last row cut short by a crash is dropped (scored again); blank lines are ignored; any other damage
-    (a hand edit) is refused naming the row. An image changed on disk after the run started is refused.
-    The file is rewritten (atomically) only when a cut row or blank lines must go."""
+    (a hand edit) is refused naming the row. An image whose contents differ from those its row was scored
+    on (the row's SHA-256; file times are not trusted: a copy or a touch changes them, an edit may not) is
+    refused. The file is rewritten (atomically) only when a cut row or blank lines must go."""
     if not csv_path.exists() or csv_path.stat().st_size == 0:
         return []
     raw = csv_path.read_bytes().decode("utf-8", "surrogateescape")
@@ -480,12 +506,12 @@ def _scored_rows(csv_path: Path, files: list[Path], run: dict) -> list[list[str]
         if i >= len(files) or len(row) != len(COLUMNS) or row[0] != str(files[i]) or row[3] != threshold_text:
             raise DataError(f"{where} ({shown(row[0]) if row else 'empty'}) is not a row this run wrote for its images "
                             "and threshold; drop --resume or use another --out.")
-        if not _is_score(row[1]) or row[2] not in ("", "good", "anomalous"):
-            raise DataError(f"{where}: score {shown(row[1])!s} / decision {shown(row[2])!s} was not written by predict "
-                            "(edited?); restore the file or drop --resume.")
-        if os.stat(files[i]).st_mtime_ns > run["started_ns"]:
-            raise DataError(f"{shown(files[i])}: changed after it was scored (row {i + 1} of {shown(csv_path)}); "
-                            "drop --resume to score everything again, or use another --out.")
+        if not _well_formed(row) or row[2] not in ("", "good", "anomalous"):
+            raise DataError(f"{where}: not as predict writes it (score {shown(row[1])}, decision {shown(row[2])}, "
+                            f"sha256 {shown(row[6])}; edited?); restore the file or drop --resume.")
+        if sha256_file(files[i]) != row[6]:
+            raise DataError(f"{shown(files[i])}: its contents changed after it was scored (row {i + 1} of "
+                            f"{shown(csv_path)}); drop --resume to score everything again, or use another --out.")
     if len(rows) != len(lines) - 1 or not complete:
         text = io.StringIO(newline="")
         csv.writer(text).writerows([COLUMNS, *rows])
@@ -494,8 +520,13 @@ def _scored_rows(csv_path: Path, files: list[Path], run: dict) -> list[list[str]
 
 
 def _well_formed(row: list[str]) -> bool:
-    """A whole row as predict writes it: six fields, a finite score, and row and column integers."""
-    return len(row) == len(COLUMNS) and _is_score(row[1]) and row[4].isdigit() and row[5].isdigit()
+    """A whole row as predict writes it: a finite score, row and column integers, a whole SHA-256."""
+    return (len(row) == len(COLUMNS) and _is_score(row[1]) and row[4].isdigit() and row[5].isdigit()
+            and _is_sha256(row[6]))
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _is_score(text: str) -> bool:
@@ -540,10 +571,9 @@ def _score_all(model: PatchCore, files: list[Path], done: list[list[str]], thres
                         f"(the first {kept}): continue with: {_command(args)}"
                         f"{'' if args.resume else ' --resume'}") from None
     except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
         resume = "" if args.resume else " --resume"
-        raise Interrupted(f"{kept} of {len(files)} images scored and kept in {shown(csv_path)}; "
-                          f"continue with: {_command(args)}{resume}", signum) from None
+        raise _interrupted(exc, f"{kept} of {len(files)} images scored and kept in {shown(csv_path)}; "
+                                f"continue with: {_command(args)}{resume}") from None
 
 
 def _scored_rows_batches(model: PatchCore, files: list[Path], first: int, threshold_text: str,
@@ -551,7 +581,8 @@ def _scored_rows_batches(model: PatchCore, files: list[Path], first: int, thresh
     """(first image, CSV rows) of the batches of ``files[first:]``, their maps and overlays written:
     scored here, or by Ray actors with ``--ray`` (the same batches, so the same bytes)."""
     if args.ray is None:
-        for batch, scores, maps in model.scored_batches(files[first:], progress=False):
+        rest = ImageDataset([Sample(p, 0, "good", None) for p in files[first:]], model.preprocess)  # checked
+        for batch, scores, maps in model.scored_batches(rest, progress=False):
             start = first + batch.start
             yield start, _batch_rows(model, files, start, batch, scores, maps, threshold_text, args)
         return
@@ -588,7 +619,7 @@ class ImageOutput:
     """What predict writes for one image: its CSV row, and the bytes of its map and overlay files
     (empty when not asked for). Made wherever the image is scored, written by this process."""
 
-    row: tuple[str, str, str, str, int, int]
+    row: tuple[str, str, str, str, int, int, str]  # COLUMNS
     name: str  # file stem of maps/NAME.npy and overlays/NAME.png
     map_npy: bytes = b""
     overlay_png: bytes = b""
@@ -604,7 +635,8 @@ def batch_outputs(model: PatchCore, chunk: list[Path], start: int, batch: Batch,
         decision = "" if not threshold_text else (
             "anomalous" if float(score_text) >= float(threshold_text) else "good")
         row, col = np.unravel_index(int(np.argmax(amap)), amap.shape)
-        out = ImageOutput((str(path), score_text, decision, threshold_text, int(row), int(col)), _name(start + i, path))
+        out = ImageOutput((str(path), score_text, decision, threshold_text, int(row), int(col), sha256_file(path)),
+                          _name(start + i, path))
         if with_maps:
             buffer = io.BytesIO()  # np.save to a real file writes with tofile, which misses short writes
             np.save(buffer, amap.astype(np.float16))
@@ -680,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder (default: %(default)s)")
     p.add_argument("--category", nargs="*", choices=CATEGORIES, help="only these synthetic categories")
     _add_run_options(p)
+    _add_overwrite_option(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_demo, ray=None)
 
@@ -689,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="results folder (default: %(default)s)")
     p.add_argument("--figures", action="store_true", help="also save example and ROC figures")
     _add_run_options(p, ray=True)
+    _add_overwrite_option(p)
     _add_model_options(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -735,19 +769,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, frame: object) -> NoReturn:
+STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    """Ctrl-C or SIGTERM: raise Interrupted; from here on the run only cleans up (temporary files removed,
+    the lock released, one line printed), so further Ctrl-C and SIGTERM are ignored: a second Ctrl-C cannot
+    cut the clean-up short (a traceback, a temporary file left). main restores the handlers."""
+    for stop in STOPS:
+        signal.signal(stop, signal.SIG_IGN)
     raise Interrupted("", signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, exiting: bool = False) -> int:
     """Run a command: 0 on success; a user error (bad input, or a file that cannot be read or
     written) is one ``error:`` line on stderr and exit code 2, never a traceback. Ctrl-C and SIGTERM
-    end the run cleanly (locks released, partial files removed) with one line and 128 + the signal."""
+    end the run cleanly (locks released, partial files removed) with one line and 128 + the signal.
+
+    ``exiting``: the process ends right after (``python -m patchcore_lite``), so Ctrl-C and SIGTERM stay
+    ignored once the command is done: one arriving while the interpreter shuts down (torch's exit hooks
+    import modules) cannot print a traceback. Otherwise the handlers found are restored."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    previous = None
-    with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its handler
-        previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: the handlers stay as they are
+        previous = {stop: signal.signal(stop, _interrupt) for stop in STOPS}
     try:
         if hasattr(args, "device"):
             args.device = resolve_device(args.device)
@@ -762,6 +808,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted ({name}): {message}", file=sys.stderr)
         return 128 + signum
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for stop, handler in previous.items():
+            signal.signal(stop, signal.SIG_IGN if exiting else handler)
     return 0

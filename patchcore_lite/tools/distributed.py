@@ -37,10 +37,12 @@ import faiss
 import numpy as np
 import torch
 
+from ..datasets import ImageDataset, Sample
 from ..errors import ConfigError, PatchCoreError
 from ..evaluation import Result, fit_evaluate
 from ..knn import NearestNeighbors
 from ..model import PatchCore, PatchCoreConfig
+from . import cli
 
 PROBE_TIMEOUT_S = 2.0
 JOIN_WAIT_S = "5"  # Ray's GCS wait when joining (default 41 s per try, 20 tries) once the port answered
@@ -162,30 +164,35 @@ def _set_threads(threads: int) -> None:
 
 
 # ---- many categories ------------------------------------------------------------------------
-def _fit_evaluate_task(root: str, config: PatchCoreConfig, weights: str | None, device: str, seed: int,
-                       holdout: float, keep_maps: bool, threads: int) -> tuple[Result, int, str]:
-    """One category's fit and evaluation in a Ray worker: the result, the bank's size and the node."""
+def _fit_evaluate_task(root: str, checked: tuple[PatchCoreConfig, list[Sample], list[Sample]], weights: str | None,
+                       device: str, seed: int, holdout: float, keep_maps: bool, threads: int) -> tuple[Result, int, str]:
+    """One category's fit and evaluation in a Ray worker, on the samples the driver checked: the result,
+    the bank's size and the node."""
     import ray
 
     _set_threads(threads)
+    config, train, test = checked
     model = PatchCore(config, weights_path=weights, device=device)
-    result = fit_evaluate(model, root, seed=seed, progress=False, keep_maps=keep_maps, holdout=holdout)
+    result = fit_evaluate(model, root, seed=seed, progress=False, keep_maps=keep_maps, holdout=holdout,
+                          samples=(train, test))
     assert model.memory_bank is not None
     return result, len(model.memory_bank), ray.get_runtime_context().get_node_id()
 
 
 def evaluate_categories(
-    roots: Sequence[Path], configs: Sequence[PatchCoreConfig], weights: Path | None, device: str, seed: int,
+    roots: Sequence[Path], checked: Sequence[tuple[PatchCoreConfig, list[Sample], list[Sample]]],
+    weights: Path | None, device: str, seed: int,
     holdout: float, keep_maps: bool, threads: int,
 ) -> Iterator[tuple[int, Result, int, str]]:
-    """Fit and evaluate every category as a Ray task; yields (position, result, bank size, node id)
+    """Fit and evaluate every category (its settings and checked samples, ``checked``) as a Ray task; yields
+    (position, result, bank size, node id)
     as each finishes. A task whose worker dies is run again once; a second failure is a ClusterError."""
     import ray
 
     task = ray.remote(_fit_evaluate_task).options(
         num_cpus=cpus_per_worker(threads), num_gpus=int(device == "cuda"), max_retries=RETRIES)
-    pending = {task.remote(str(root), config, None if weights is None else str(weights), device, seed, holdout,
-                           keep_maps, threads): i for i, (root, config) in enumerate(zip(roots, configs))}
+    pending = {task.remote(str(root), category, None if weights is None else str(weights), device, seed, holdout,
+                           keep_maps, threads): i for i, (root, category) in enumerate(zip(roots, checked))}
     while pending:
         [ready], _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(ready)
@@ -212,7 +219,7 @@ def _user_error(exc: Exception, where: str = "") -> Exception:
 
 
 # ---- large image streams --------------------------------------------------------------------
-COLUMNS = ("index", "path", "score", "decision", "threshold", "max_row", "max_col", "name", "map_npy", "overlay_png")
+COLUMNS = ("index", *cli.COLUMNS, "name", "map_npy", "overlay_png")  # a Ray Data row: one image's outputs
 
 
 class _Scorer:
@@ -226,13 +233,12 @@ class _Scorer:
         self.options = threshold_text, with_maps, overlays
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, list]:
-        from .cli import batch_outputs
-
         out: dict[str, list] = {c: [] for c in COLUMNS}
         for start, joined in zip(rows["start"], rows["paths"]):
             chunk = [Path(p) for p in str(joined).split("\n")]
-            (batch, scores, maps), = self.model.scored_batches(chunk, progress=False)
-            for i, o in enumerate(batch_outputs(self.model, chunk, int(start), batch, scores, maps, *self.options)):
+            dataset = ImageDataset([Sample(p, 0, "good", None) for p in chunk], self.model.preprocess)  # checked
+            (batch, scores, maps), = self.model.scored_batches(dataset, progress=False)
+            for i, o in enumerate(cli.batch_outputs(self.model, chunk, int(start), batch, scores, maps, *self.options)):
                 for column, value in zip(COLUMNS, (int(start) + i, *o.row, o.name, o.map_npy, o.overlay_png)):
                     out[column].append(value)
         return out
@@ -252,8 +258,6 @@ def predict_outputs(
     after everything before it was yielded."""
     import ray
 
-    from .cli import ImageOutput
-
     cpus = cpus_per_worker(threads)
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)
     chunks = [{"start": s, "paths": "\n".join(map(str, files[s : s + batch_size]))}
@@ -266,10 +270,10 @@ def predict_outputs(
         fn_constructor_args=(str(model), None if weights is None else str(weights), device, threads, threshold_text,
                              with_maps, overlays),
         max_restarts=RETRIES, max_task_retries=RETRIES)  # Ray Data's default, -1, retries a fatal chunk forever
-    batch: list[ImageOutput] = []
+    batch: list[cli.ImageOutput] = []
     try:
         for row in dataset.iter_rows():
-            batch.append(ImageOutput(tuple(row[c] for c in COLUMNS[1:7]), row["name"],  # type: ignore[arg-type]
+            batch.append(cli.ImageOutput(tuple(row[c] for c in cli.COLUMNS), row["name"],  # type: ignore[arg-type]
                                      row["map_npy"], row["overlay_png"]))
             index = int(row["index"])
             if (index - first + 1) % batch_size == 0 or index == len(files) - 1:

@@ -6,6 +6,9 @@
   renamed into place: a reader sees the old file or the new one, never half of one.
 * ``RunLock(folder)``: an exclusive ``fcntl.flock`` on ``folder/.patchcore.lock`` for one run; the
   kernel drops it when the process ends however it ends, so a killed run leaves no stale lock.
+* ``earlier_run(folder, names, command)`` / ``remove_outputs``: under that lock, what an earlier run left
+  there (its ``run.json`` says which command wrote it), so that a new run refuses, continues or replaces
+  it, and never mixes its files with another run's.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Self
 
+from ..datasets import RUN_MANIFEST
 from ..errors import ConfigError, DataError, file_kind, shown
 
 LOCK_NAME = ".patchcore.lock"
@@ -142,3 +147,55 @@ class RunLock(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)  # closing the descriptor releases the flock
+
+
+def _present(folder: Path, names: Sequence[str]) -> list[str]:
+    return [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
+
+
+def _record(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return exc
+
+
+def earlier_run(folder: Path, names: Sequence[str], command: str, overwrite: bool = False) -> dict | None:
+    """The run.json record of the earlier run of ``command`` (e.g. ``"patchcore_lite predict"``) in ``folder``,
+    or None when there is none. Call it under the folder's RunLock; the caller continues, replaces (``overwrite``)
+    or refuses that run.
+
+    ``names`` are the entries the command writes. Without ``overwrite``, a folder holding any of them is refused
+    (DataError) unless its run.json says ``command`` wrote it: outputs without a run.json (what produced them is
+    unknown), or with an unreadable or foreign one. Even with ``overwrite``, a folder that another patchcore_lite
+    command owns is refused: its files are not ours to remove."""
+    manifest = folder / RUN_MANIFEST
+    record = _record(manifest) if manifest.exists() else None
+    writer = record.get("written_by") if isinstance(record, dict) else None
+    if writer == command:
+        return record
+    if isinstance(writer, str) and writer.startswith("patchcore_lite "):
+        raise DataError(f"{shown(folder)}: holds the outputs of `{writer}` ({RUN_MANIFEST}), not of `{command}`; "
+                        "choose another --out.")
+    present = _present(folder, names)
+    if overwrite or not present:
+        return None
+    if record is None:
+        raise DataError(f"{shown(folder)}: holds {', '.join(present)} but no {RUN_MANIFEST}, so what produced them is "
+                        "unknown; choose another --out, or add --overwrite to replace them.")
+    if isinstance(record, Exception):
+        raise DataError(f"{shown(manifest)}: unreadable ({record}); choose another --out, or --overwrite.")
+    raise DataError(f"{shown(manifest)}: not written by {command}; choose another --out.")
+
+
+def remove_outputs(folder: Path, names: Sequence[str]) -> None:
+    """Remove the entries ``names`` of ``folder`` (an earlier run's outputs, for ``--overwrite``): files and
+    links unlinked, folders removed whole. Only plain names: ``../x`` removes nothing outside the folder."""
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            continue
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
