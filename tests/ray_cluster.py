@@ -151,10 +151,6 @@ class LocalCluster:
             _stop(new, grace=2.0)
         raise RuntimeError(f"ray start {' '.join(args)} failed {tries} times ({run.returncode}):\n{run.stderr[-3000:]}")
 
-    def workers(self, name: str) -> list[int]:
-        """The live processes of the cluster whose command line contains ``name`` (e.g. an actor's class)."""
-        return [p for p in alive(descendants(os.getpid())) if name in cmdline(p)]
-
     def stop(self, grace: float = 5.0) -> list[int]:
         """Stop exactly this cluster's processes (and the workers they started); return any that survived."""
         self.pids += [p for p in descendants(os.getpid()) if p not in self.pids and "ray" in cmdline(p)]

@@ -797,6 +797,10 @@ def main(argv: list[str] | None = None, exiting: bool = False) -> int:
     try:
         if hasattr(args, "device"):
             args.device = resolve_device(args.device)
+        if getattr(args, "ray", None):  # a wrong or silent address: one line before any work (Ray not imported)
+            from .distributed import check_address
+
+            check_address(args.ray)
         args.func(args)
     except (PatchCoreError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ shared filesystem, or with the same paths on every machine.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Iterator, Sequence
@@ -82,8 +83,7 @@ def connect(address: str | None) -> None:
     or ``~/.ray/auth_token``, the head's. A ClusterError names the address and the fix."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported
     if address:
-        host, port = parse_address(address)
-        probe(host, port)
+        host, port = check_address(address)
     import ray
 
     try:
@@ -103,10 +103,19 @@ def connect(address: str | None) -> None:
                            "or start a cluster with `ray start --head` and give its address to --ray") from None
     from ray.data import DataContext
 
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # the command reports each image and any error itself
+
     context = DataContext.get_current()
     context.execution_options.preserve_order = True  # predict writes rows in input order
     context.enable_progress_bars = False  # the driver prints each image as it is written
     context.print_on_execution_start = False
+
+
+def check_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` parsed, and answering on its port (the command line asks before any work)."""
+    host, port = parse_address(address)
+    probe(host, port)
+    return host, port
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -323,6 +332,12 @@ class BankShard:
         """This shard's ``min(k, rows)`` nearest: squared distances and global indices."""
         sq, idx = self.index.search_squared(queries, min(k, len(self.index)))
         return sq.numpy(), idx.numpy() + self.offset
+
+    def node(self) -> str:
+        """The Ray node this shard lives on (where it is an actor)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def rows(self, idx: np.ndarray) -> np.ndarray:
         """Bank rows by global index."""
