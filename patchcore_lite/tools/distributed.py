@@ -273,7 +273,8 @@ def predict_outputs(
               for s in range(first, len(files), batch_size)]
     if not chunks:
         return
-    dataset = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 4 * workers)).map_batches(
+    # One block per batch: each batch reaches the driver, and scores.csv, as soon as it is scored.
+    dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
         _Scorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus,
         num_gpus=int(device == "cuda"),
         fn_constructor_args=(str(model), None if weights is None else str(weights), device, threads, threshold_text,
