@@ -179,14 +179,16 @@ def _open_decoded(path: Path) -> Image.Image:
     Only regular files are opened: a FIFO would block, a device never end. A file that cannot be opened
     is called unreadable (with the system's reason), never corrupt."""
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except FileNotFoundError:
         raise DataError(f"{shown(path)}: file not found" + (" (a broken symlink)" if path.is_symlink() else "")
                         + "; check the path.") from None
     except OSError as err:
         raise DataError(f"{shown(path)}: unreadable ({err.strerror}); make it readable or remove it.") from None
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{shown(path)}: a {file_kind(mode)}, not a regular file; give image files only.")
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{shown(path)}: a {file_kind(info.st_mode)}, not a regular file; give image files only.")
+    if info.st_size == 0:  # an interrupted copy: say so rather than "not an image"
+        raise DataError(f"{shown(path)}: an empty file (0 bytes); copy it again or remove it from the folder.")
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file only fails here, not at open
@@ -432,8 +434,8 @@ def list_inputs(
     folders, MVTec masks (``ground_truth/`` folders, ``*_mask`` files), Magnetic Tile Defects masks (a
     ``.png`` beside a ``.jpg`` of the same name), broken symlinks, FIFOs, sockets and devices, unreadable
     folders, and output folders of predict and evaluate (``run.json``) or ``exclude``. A file named explicitly is kept
-    (and checked when it is loaded) unless it is not a regular file. A missing path, or a folder with no
-    image, is a DataError naming it.
+    (and checked when it is loaded) unless it is not a regular file. Each file is scored once (``_once``). A missing
+    path, a folder with no image, or an output folder given as input, is a DataError naming it.
     """
     excluded = set()
     for folder in exclude:
@@ -443,6 +445,9 @@ def list_inputs(
     files: list[Path] = []
     skipped: list[Unscored] = []
     for path in map(Path, paths):
+        if path.is_dir() and is_output_folder(path):
+            raise DataError(f"{shown(path)}: the output folder of a predict or evaluate run ({RUN_MANIFEST}); its "
+                            "overlays and figures are not images to read: give the folder of images instead.")
         if path.is_dir():
             found, missed = _walk(path, excluded)
             if not found:
@@ -462,7 +467,23 @@ def list_inputs(
             raise DataError(f"{shown(path)}: a broken symlink (to {shown(os.readlink(path))}); fix or remove it.")
         else:
             raise DataError(f"{shown(path)}: no such file or folder.")
-    return files, skipped
+    return _once(files, skipped)
+
+
+def _once(files: list[Path], skipped: list[Unscored]) -> tuple[list[Path], list[Unscored]]:
+    """Each image file once, at its first place in the order: a file named twice, or named and also found in a
+    folder given, is listed as not scored again (the same file by another path or link counts too)."""
+    kept: list[Path] = []
+    seen: dict[tuple[int, int], Path] = {}
+    for path in files:
+        info = os.stat(path)
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            skipped.append(Unscored(path, f"the same file as {shown(seen[key])}, scored once"))
+        else:
+            seen[key] = path
+            kept.append(path)
+    return kept, skipped
 
 
 def list_images(paths: Iterable[str | os.PathLike]) -> list[Path]:

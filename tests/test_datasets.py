@@ -320,6 +320,14 @@ def test_truncated_files_are_caught(tmp_path, name):
         load_image(path)
 
 
+def test_empty_file_is_called_empty(tmp_path):
+    """An interrupted copy leaves 0 bytes: the message says so, not that the format is wrong."""
+    path = tmp_path / "copied.png"
+    path.touch()
+    with pytest.raises(DataError, match=r"copied.png: an empty file \(0 bytes\)"):
+        load_image(path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="gone.png: file not found"):
         load_image(tmp_path / "gone.png")

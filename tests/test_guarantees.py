@@ -552,11 +552,26 @@ def p1_evaluate_refused_under_its_lock_leaves_nothing(lab: Lab, tmp: Path, capsy
     succeeded(cli(capsys, "evaluate", cat, "--out", out, *FIT))
 
 
+def p1_out_holding_the_users_images(lab: Lab, tmp: Path, capsys) -> None:
+    """Found trying hostile inputs: predict --out into the folder of training images wrote its overlays and contact
+    sheet among them, and the next fit on that folder trained on the overlay of a defect. Now refused, and an output
+    folder given as input is refused too."""
+    train = tmp / "train"
+    folder_of(train, range(50, 54))
+    before = snapshot(train)
+    refused(cli(capsys, *predict(lab, train, lab.images[:2], "--overlays")), "train", "image file")
+    assert snapshot(train) == before
+    out = tmp / "out"
+    succeeded(cli(capsys, *predict(lab, out, lab.images[:2], "--overlays")))
+    refused(cli(capsys, "fit", out, "--model", tmp / "m.npz", *FIT), str(out), "run.json")
+    refused(cli(capsys, *predict(lab, tmp / "again", out)), str(out), "run.json")
+
 P1 = [p1_resume_with_another_model, p1_resume_after_the_model_file_was_refit, p1_refused_resume_keeps_threshold_json,
       p1_resume_with_other_outputs, p1_rerun_without_resume_never_mixes, p1_out_inside_the_input_folder_run_twice,
       p1_out_is_the_input_folder, p1_out_is_an_existing_file, p1_concurrent_run_refused_and_killed_run_not_blocking,
       p1_disk_full_during_resume_keeps_rows, p1_evaluate_out_inside_the_test_set, p1_evaluate_out_is_the_category,
-      p1_evaluate_into_a_used_out, p1_predict_and_evaluate_never_share_an_out, p1_evaluate_refused_under_its_lock_leaves_nothing]
+      p1_evaluate_into_a_used_out, p1_predict_and_evaluate_never_share_an_out, p1_evaluate_refused_under_its_lock_leaves_nothing,
+      p1_out_holding_the_users_images]
 
 
 @pytest.mark.parametrize("case", P1, ids=lambda f: f.__name__[3:])
@@ -685,9 +700,18 @@ def p2_corrupt_image_keeps_existing_csv(lab: Lab, tmp: Path, capsys) -> None:
     assert snapshot(out) == before
 
 
+def p2_one_file_named_twice_is_scored_once(lab: Lab, tmp: Path, capsys) -> None:
+    """Found trying hostile inputs: a file named twice (or by a link) got two rows, which --resume cannot tell apart."""
+    image, link, out = lab.images[0], tmp / "link.png", tmp / "out"
+    link.symlink_to(image)
+    run = succeeded(cli(capsys, *predict(lab, out, [image, image, link, lab.images[1]])))
+    assert scored(out) == [str(image), str(lab.images[1])]
+    assert "scored once" in unscored(out)[str(link)]
+    assert "unscored.csv" in run.out
+
 P2 = [p2_symlinked_subfolder, p2_help_states_the_symlink_policy, p2_symlink_cycle, p2_dangling_symlink,
       p2_not_an_image, p2_fifo_in_folder, p2_unreadable_subfolder, p2_unreadable_image_named_and_results_kept,
-      p2_corrupt_image_keeps_existing_csv]
+      p2_corrupt_image_keeps_existing_csv, p2_one_file_named_twice_is_scored_once]
 
 
 @pytest.mark.parametrize("case", P2, ids=lambda f: f.__name__[3:])

@@ -65,6 +65,8 @@ from .outputs import (
     check_regular_file,
     check_writable,
     earlier_run,
+    read_record,
+    refuse_image_folder,
     remove_outputs,
     sha256_file,
     write_json,
@@ -188,10 +190,10 @@ def _evaluate_outputs(roots: list[Path], args: argparse.Namespace) -> list[str]:
     return names
 
 
-def _figure_names(record: dict | None) -> list[str]:
+def _figure_names(record: object) -> list[str]:
     """The figures an earlier evaluation lists in its run.json (only names evaluate gives figures: an edited
     record cannot make --overwrite remove another file)."""
-    listed = (record or {}).get("outputs")
+    listed = record.get("outputs") if isinstance(record, dict) else None
     if not isinstance(listed, list):
         return []
     return [name for name in listed if isinstance(name, str) and re.fullmatch(r"[^/]+_(examples|roc)\.png", name)]
@@ -201,6 +203,7 @@ def _check_outputs(roots: list[Path], out: Path, names: list[str]) -> None:
     """Every file evaluate will write, checked writable before the first fit, and never inside a folder
     evaluate reads (its figures would become test images of the next run)."""
     check_writable(out, "--out", folder=True)
+    refuse_image_folder(out, "--out", [*names, *_figure_names(read_record(out / RUN_MANIFEST))])
     for root in roots:
         if out.resolve() == root.resolve():
             raise ConfigError(f"{shown(out)}: --out is the dataset folder itself: its figures would sit beside train/ "
@@ -405,6 +408,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
                               f"read as images next time; use --out {shown(out / 'predictions')} or another folder.")
     for name in OUTPUTS:  # --overwrite removes them, a new run replaces them
         _refuse_writing_over(out / name, f"--out entry {name}", [*args.images, args.model])
+    refuse_image_folder(out, "--out", OUTPUTS)
     check_regular_file(args.model, "--model")
     files, unscored = list_inputs(args.images, exclude=[out])
     model = PatchCore.load(args.model, weights_path=args.weights, device=args.device)
@@ -738,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score images with a saved model. Folders are searched at any depth; symlinks "
                        "to files and folders are followed, each folder entered once (a symlink back into a folder "
                        "already searched is not followed again). Every entry not scored (not an image, hidden, a "
-                       "mask, a broken symlink, an unreadable folder, an earlier run's output folder) is listed "
+                       "mask, a broken symlink, an unreadable folder, an earlier run's output folder, a file named "
+                       "twice: each file is scored once) is listed "
                        "with the reason in OUT/unscored.csv. OUT belongs to one run: run.json records the model "
                        "and settings, a second run into it at the same time is refused, and --resume only "
                        "continues a run with the same model and settings.")

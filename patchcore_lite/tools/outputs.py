@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Self
 
-from ..datasets import RUN_MANIFEST
+from ..datasets import IMAGE_SUFFIXES, RUN_MANIFEST
 from ..errors import ConfigError, DataError, file_kind, shown
 
 LOCK_NAME = ".patchcore.lock"
@@ -77,6 +77,21 @@ def check_writable(path: Path, what: str, folder: bool = False) -> None:
     except OSError as exc:
         raise ConfigError(f"{shown(path)}: {what} cannot be written: {shown(base)} does not accept new files "
                           f"({exc.strerror}); choose a writable path.") from None
+
+
+def refuse_image_folder(folder: Path, what: str, ours: Sequence[str] = ()) -> None:
+    """Refuse (ConfigError) an output ``folder`` that already holds image files a run did not write (``ours``
+    are the names this command writes there): its overlays and figures would sit among the user's images,
+    and the next fit or predict on that folder would read them as data."""
+    if not folder.is_dir():
+        return
+    theirs = sorted(p.name for p in folder.iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in ours and p.is_file())
+    if theirs:
+        listed = ", ".join(theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+        raise ConfigError(f"{shown(folder)}: {what} already holds {len(theirs)} image file(s) ({listed}); a run's "
+                          "figures would be mixed with them and read back as images next time: choose an empty or "
+                          "new folder.")
 
 
 def atomic_save(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -153,7 +168,8 @@ def _present(folder: Path, names: Sequence[str]) -> list[str]:
     return [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
 
 
-def _record(path: Path) -> object:
+def read_record(path: Path) -> object:
+    """A JSON record (run.json), or the exception that reading or parsing it raised."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -170,7 +186,7 @@ def earlier_run(folder: Path, names: Sequence[str], command: str, overwrite: boo
     unknown), or with an unreadable or foreign one. Even with ``overwrite``, a folder that another patchcore_lite
     command owns is refused: its files are not ours to remove."""
     manifest = folder / RUN_MANIFEST
-    record = _record(manifest) if manifest.exists() else None
+    record = read_record(manifest) if manifest.exists() else None
     writer = record.get("written_by") if isinstance(record, dict) else None
     if writer == command:
         return record
