@@ -174,8 +174,10 @@ def test_sharded_search_in_process_equals_the_single_index(backend: str, shards:
 def test_evaluate_on_two_nodes_gives_the_single_process_table(cluster, categories: Path, tmp_path: Path, capsys):
     assert main(["evaluate", str(categories), "--out", str(tmp_path / "one"), *SMALL]) == 0
     assert main(["evaluate", str(categories), "--out", str(tmp_path / "ray"), "--ray", cluster.address, *SMALL]) == 0
-    nodes = {line.split("node ")[1] for line in capsys.readouterr().out.splitlines() if "done on node" in line}
+    out = capsys.readouterr().out
+    nodes = {line.split("node ")[1] for line in out.splitlines() if "done on node" in line}
     assert len(nodes) == 2, "one task per node expected (one CPU each)"
+    assert out.count("\nsearch: ") == 4  # which search ran, printed for every category in both runs
     assert _table(tmp_path / "ray") == _table(tmp_path / "one")  # to the last digit
     assert sorted(r["name"] for r in _table(tmp_path / "one")) == sorted(CATEGORIES[:2])
 

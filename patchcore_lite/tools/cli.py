@@ -235,17 +235,18 @@ def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> lis
                                         "command": _command(args), "roots": [str(r) for r in roots],
                                         "settings": {r.name: asdict(c) for r, (c, _, _) in zip(roots, checked)},
                                         "outputs": names})
-        results, rows = {}, {}
+        results, rows, kept = {}, {}, 0
         try:
             for i, result, bank, preprocess in _category_runs(roots, checked, args):
                 results[i], rows[i] = result, result.row(memory_bank=bank)
                 table = [rows[j] for j in sorted(rows)]
                 write_results(table, out / "results.csv")  # after every category: nothing finished is lost
                 write_results(table, out / "results.json")
+                kept = len(table)
                 if args.figures:
                     _figures(result, out, preprocess or PatchCore(checked[i][0], weights_path=args.weights).preprocess)
         except KeyboardInterrupt as exc:
-            raise _interrupted(exc, f"{len(rows)} of {len(roots)} categories evaluated and kept in "
+            raise _interrupted(exc, f"{kept} of {len(roots)} categories evaluated and kept in "
                                     f"{shown(out / 'results.csv')}; run again with --overwrite to redo them") from None
     print("\n" + format_table([rows[j] for j in sorted(rows)]))
     print(f"\nresults: {out / 'results.csv'}")
@@ -262,9 +263,9 @@ def _category_runs(roots: list[Path], checked: list[Checked], args: argparse.Nam
         threads = torch.get_num_threads()
         print(f"Ray: {len(roots)} categories as tasks, {threads} thread(s) each")
         with distributed.session(args.ray):
-            for i, result, bank, node in distributed.evaluate_categories(
+            for i, result, bank, node, search in distributed.evaluate_categories(
                     roots, checked, args.weights, args.device, args.seed, args.holdout, args.figures, threads):
-                print(f"== {roots[i].name}: done on node {node[:8]}")
+                print(f"== {roots[i].name}: done on node {node[:8]}\nsearch: {search}")
                 yield i, result, bank, None
         return
     for i, (root, (config, train, test)) in enumerate(zip(roots, checked)):

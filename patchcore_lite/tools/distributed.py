@@ -174,9 +174,10 @@ def _set_threads(threads: int) -> None:
 
 # ---- many categories ------------------------------------------------------------------------
 def _fit_evaluate_task(root: str, checked: tuple[PatchCoreConfig, list[Sample], list[Sample]], weights: str | None,
-                       device: str, seed: int, holdout: float, keep_maps: bool, threads: int) -> tuple[Result, int, str]:
+                       device: str, seed: int, holdout: float, keep_maps: bool, threads: int
+                       ) -> tuple[Result, int, str, str]:
     """One category's fit and evaluation in a Ray worker, on the samples the driver checked: the result,
-    the bank's size and the node."""
+    the bank's size, the node and which search ran."""
     import ray
 
     _set_threads(threads)
@@ -185,16 +186,16 @@ def _fit_evaluate_task(root: str, checked: tuple[PatchCoreConfig, list[Sample], 
     result = fit_evaluate(model, root, seed=seed, progress=False, keep_maps=keep_maps, holdout=holdout,
                           samples=(train, test))
     assert model.memory_bank is not None
-    return result, len(model.memory_bank), ray.get_runtime_context().get_node_id()
+    return result, len(model.memory_bank), ray.get_runtime_context().get_node_id(), model._check_fitted().describe()
 
 
 def evaluate_categories(
     roots: Sequence[Path], checked: Sequence[tuple[PatchCoreConfig, list[Sample], list[Sample]]],
     weights: Path | None, device: str, seed: int,
     holdout: float, keep_maps: bool, threads: int,
-) -> Iterator[tuple[int, Result, int, str]]:
+) -> Iterator[tuple[int, Result, int, str, str]]:
     """Fit and evaluate every category (its settings and checked samples, ``checked``) as a Ray task; yields
-    (position, result, bank size, node id)
+    (position, result, bank size, node id, search description)
     as each finishes. A task whose worker dies is run again once; a second failure is a ClusterError."""
     import ray
 
@@ -206,12 +207,12 @@ def evaluate_categories(
         [ready], _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(ready)
         try:
-            result, bank, node = ray.get(ready)
+            result, bank, node, search = ray.get(ready)
         except ray.exceptions.RayError as exc:
             for ref in pending:
                 ray.cancel(ref)
             raise _user_error(exc, f"{roots[i].name}: ") from None
-        yield i, result, bank, node
+        yield i, result, bank, node, search
 
 
 def _user_error(exc: Exception, where: str = "") -> Exception:
