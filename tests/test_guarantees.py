@@ -1265,8 +1265,9 @@ def test_6_a_second_signal_during_clean_up_evaluate(tmp_path: Path, capsys):
 
 # ----------------------------------------------------------------------------- 7. chapters assert only what is robust
 
-# A name that holds a timing: a duration (`_ms`, `_s`, seconds, time, elapsed) or a rate (`speed`, `per_s`).
-TIMING = re.compile(r"(^|_)(ms|s|sec|secs|seconds|time|times|elapsed|duration|speed|fps)(_|$)", re.IGNORECASE)
+# A name that holds a timing: a duration (`_ms`, `_s`, seconds, time, elapsed), a rate (`speed`, `per_s`) or a
+# share of a measured time (`share`: chapter 3 once ordered the search's share at two coreset ratios).
+TIMING = re.compile(r"(^|_)(ms|s|sec|secs|seconds|time|times|elapsed|duration|speed|fps|share)(_|$)", re.IGNORECASE)
 
 
 def _timings(node: ast.AST) -> list[str]:
@@ -1307,6 +1308,7 @@ P7 = {
     "chapter_5_features_vs_search": ("assert features_ms > search_ms", 1),  # the example: flips under load
     "rates_in_a_dict": ('assert speed["exact"] < speed["ivf"] * 2', 1),
     "elapsed_attributes": ("assert run.fit_s <= other.predict_s", 1),
+    "shares_of_the_time": ('assert share["PatchCore-25%"] > share["PatchCore-1%"]', 1),  # ratios of timings
     "a_timing_against_a_constant_gate": ("assert w['speed'] >= study.MIN_IMAGES_PER_S", 0),
     "not_a_timing": ("assert paper_spade_gap > 10 and paper_ratio_spread < 1", 0),
     "a_timing_is_positive": ("assert features_ms > 0", 0),
