@@ -180,3 +180,25 @@ def test_a_test_set_without_anomalies_is_refused_before_the_fit(tmp_path: Path, 
     assert "good_only: the test set has only normal images (2), so AUROC is undefined" in _one_error_line(capsys)
     with pytest.raises(DataError, match="only normal images"):
         fit_evaluate(PatchCore(pretrained=False), good_only)
+
+
+def test_demo_reruns_into_its_own_report_but_not_over_an_evaluation(tmp_path: Path, capsys):
+    """The README's first command run twice: the demo replaces its own earlier report (same categories);
+    an evaluation of something else in that folder is still refused without --overwrite."""
+    out = tmp_path / "demo"
+    demo = ["demo", "--category", "disc", "--out", str(out), *TINY]
+    assert main(demo) == 0
+    first = _untimed_rows(out / "results.csv")
+    capsys.readouterr()
+    assert main(demo) == 0
+    assert "replacing the demo's earlier report" in capsys.readouterr().out
+    assert _untimed_rows(out / "results.csv") == first  # one row, the same numbers: nothing of the first run mixed in
+    assert len(first) == 1
+    assert main(["demo", "--category", "grain", "--out", str(out), *TINY]) == 2
+    assert "add --overwrite" in _one_error_line(capsys)
+
+
+def _untimed_rows(path: Path) -> list[dict[str, str]]:
+    """results.csv without its timing columns, which differ from run to run."""
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in csv.DictReader(f)]

@@ -225,11 +225,15 @@ def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> lis
     _check_outputs(roots, out, names)
     with RunLock(out, _command(args)):
         earlier = earlier_run(out, names, EVALUATE, args.overwrite)
-        if earlier is not None and not args.overwrite:  # results never replaced in silence, nor figures mixed
+        # The demo replaces its own earlier report (same synthetic categories), so the README's command reruns.
+        again = earlier is not None and args.func is cmd_demo and earlier.get("roots") == [str(r) for r in roots]
+        if earlier is not None and not (args.overwrite or again):  # never replaced in silence, nor figures mixed
             raise DataError(f"{shown(out)}: holds an earlier evaluation ({RUN_MANIFEST}); add --overwrite to replace "
                             "it, or choose another --out.")
         checked = _checked_categories(roots, args)
-        if args.overwrite:
+        if again and not args.overwrite:
+            print(f"replacing the demo's earlier report in {shown(out)}")
+        if args.overwrite or again:
             remove_outputs(out, [*names, *_figure_names(earlier)])
         write_json(out / RUN_MANIFEST, {"written_by": EVALUATE, "package_version": __version__,
                                         "command": _command(args), "roots": [str(r) for r in roots],
