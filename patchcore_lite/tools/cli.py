@@ -249,6 +249,11 @@ def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> lis
                 kept = len(table)
                 if args.figures:
                     _figures(result, out, preprocess or PatchCore(checked[i][0], weights_path=args.weights).preprocess)
+        except PatchCoreError as exc:
+            if args.ray is None:
+                raise
+            raise type(exc)(f"{exc}; {kept} of {len(roots)} categories evaluated and kept in "
+                            f"{shown(out / 'results.csv')}; run again with --overwrite to redo them") from None
         except KeyboardInterrupt as exc:
             raise _interrupted(exc, f"{kept} of {len(roots)} categories evaluated and kept in "
                                     f"{shown(out / 'results.csv')}; run again with --overwrite to redo them") from None
