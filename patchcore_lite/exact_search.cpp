@@ -73,6 +73,7 @@ double sq_dist(const float* q, const float* m, int64_t d) {
 struct Pair {
   int64_t q, m;
   float h;
+  double s;  // sum (q - m)^2 in double, filled once the pair survives the final tau
 };
 
 struct Row {  // running state of one query
@@ -98,7 +99,7 @@ void lanes(const Problem& P, const float* h, unsigned mask, int64_t i, int64_t j
     mask &= mask - 1;
     if (!(h[l] <= row.tau)) continue;  // tau may have shrunk at an earlier lane
     const int64_t m = j0 + l;
-    out.push_back({i, m, h[l]});
+    out.push_back({i, m, h[l], 0.0});
     if (++row.count > P.cap) {  // too many candidates: the caller re-filters this query
       row.heavy = true;
       row.tau = -INF;
@@ -184,6 +185,7 @@ std::vector<at::Tensor> filter_knn1(at::Tensor aq, at::Tensor bank_p, at::Tensor
       for (const Pair& p : out)  // the final tau: earlier panels used looser ones
         if (!rows[p.q].heavy && p.h <= rows[p.q].tau) out[kept++] = p;
       out.resize(kept);
+      for (Pair& p : out) p.s = sq_dist(P.Q + p.q * P.d, P.BK + p.m * P.d, P.d);  // in this thread
     }
   });
   int64_t total = 0, pushed = 0;
@@ -201,7 +203,7 @@ std::vector<at::Tensor> filter_knn1(at::Tensor aq, at::Tensor bank_p, at::Tensor
     for (const Pair& p : v) {
       qi.data_ptr<int64_t>()[o] = p.q;
       mi.data_ptr<int64_t>()[o] = p.m;
-      s.data_ptr<double>()[o++] = sq_dist(P.Q + p.q * P.d, P.BK + p.m * P.d, P.d);
+      s.data_ptr<double>()[o++] = p.s;
     }
   return {qi, mi, s, t, heavy, at::scalar_tensor(static_cast<double>(pushed), at::kDouble)};
 }

@@ -3,8 +3,10 @@
 PatchCore scores a test patch by its distance to the nearest memory-bank patch (Roth et al. 2022,
 eq. 6: ``min_m ||m_test - m||_2``); eq. 7 needs its k nearest. Exact search costs 2 N M D flops.
 This module does the same exact search with far fewer flops: a certified lower bound of every
-distance, computed from the bank's leading principal components and one residual norm (K = 33
-columns instead of D), discards almost all bank vectors; the few left are re-ranked exactly.
+distance, computed from the bank's leading principal components and one residual norm (K = r + 1
+columns instead of D; r = 64 by default, the fastest in a sweep of r = 32..96 on the 288-pixel bank of
+benchmarks/RESULTS.md: fewer columns leave so many candidates that re-ranking costs more than they save),
+discards almost all bank vectors; the few left are re-ranked exactly.
 ``knn.NearestNeighbors(bank, "exact")`` is this index (opt-in: ``knn_backend="exact"``; the default stays faiss Flat, RESULTS.md says why).
 
 Result definition (implementation independent)
@@ -85,7 +87,7 @@ AVX2, k > 1, bf16) the same stages run as torch ops: exact, slower.
 
 Queries with more than ``heavy_fraction`` of the bank as candidates (far from the bank: the
 PCA bound is weak there) are re-filtered with the full filter (same rule, r = D), so the cost
-never exceeds about one fp32 GEMM plus the reduced one; the fused path first probes 1/8 of a chunk
+never exceeds about one fp32 GEMM plus the reduced one; the fused path first probes 1/32 of a chunk
 and, if more than half of it is heavy, filters the chunk in full space directly. Inputs whose norms could overflow fp32
 squares skip the fp32 stage 4 test (all candidates go to float64). Results never depend on
 the path taken.
@@ -372,9 +374,9 @@ class ExactKNN:
     or "auto" (bf16 if the CPU has it *and* a timing probe finds it faster, else fp32).
     """
 
-    def __init__(self, bank: Tensor | np.ndarray, reduce_dim: int | None = 32, precision: str = "auto",
+    def __init__(self, bank: Tensor | np.ndarray, reduce_dim: int | None = 64, precision: str = "auto",
                  heavy_fraction: float = 1 / 16, chunk_elems: int = 1 << 23, pair_block: int = 16384,
-                 fused: bool = True, tile: int = 2048, probe_limit: float = 0.5):
+                 fused: bool = True, tile: int = 512, probe_limit: float = 0.5):
         self.bank = _as_f32(bank)
         if len(self.bank) == 0:
             raise ValueError("empty bank")
@@ -405,7 +407,7 @@ class ExactKNN:
         return "bf16" if _bf16_faster(self.bank.shape[1] if not reduce_dim else reduce_dim + 1) else "fp32"
 
     def describe(self) -> str:
-        """Which path runs, e.g. "exact: certified PCA-32 fp32 filter, fused AVX2 kernel (k=1); cpu: avx2"."""
+        """Which path runs, e.g. "exact: certified PCA-64 fp32 filter, fused AVX2 kernel (k=1); cpu: avx2"."""
         feats = ", ".join(k for k, v in self.cpu.items() if v) or "none"
         space = f"PCA-{self.reduced.r}" if self.reduced else "full-space"
         kern = "fused AVX2 kernel (k=1), torch ops (k>1)" if self.kernel else "torch ops (no kernel)"
@@ -465,8 +467,8 @@ class ExactKNN:
     def _search_fused(self, c: Tensor) -> tuple[Tensor, Tensor]:
         """k = 1 through the compiled kernel: candidates with double-precision distances s."""
         first = self.reduced or self.full
-        if first is self.reduced and len(c) >= 64:  # probe: far queries make the PCA bound useless
-            probe = self._fused_filter(first, c[: len(c) // 8], self.heavy_limit)[4]
+        if first is self.reduced and len(c) >= 256:  # probe: far queries make the PCA bound useless
+            probe = self._fused_filter(first, c[: len(c) // 32], self.heavy_limit)[4]
             if probe.float().mean() > self.probe_limit:
                 first = self.full
                 self.stats.heavy += len(c)

@@ -236,9 +236,9 @@ def test_fallback_warns_once_and_stays_exact(monkeypatch, cause):
 
 
 def test_describe_names_the_path_that_runs():
-    index = NearestNeighbors(torch.randn(200, 40, generator=gen(14)), "exact")
+    index = NearestNeighbors(torch.randn(200, 100, generator=gen(14)), "exact")
     kernel = exact_search.fused_kernel() is not None
-    assert index.describe().startswith("exact: certified PCA-32 fp32 filter")
+    assert index.describe().startswith("exact: certified PCA-64 fp32 filter")
     assert ("fused AVX2 kernel" in index.describe()) == kernel
     assert NearestNeighbors(torch.randn(20, 4), "faiss").describe() == "faiss IndexFlatL2 (exact)"
 
