@@ -6,9 +6,10 @@ The cluster tests share one two-node cluster for the module (``ray start --head`
 them) and skip, with the reason, where the namespace cannot be made (not root), Ray is not
 installed, or the cluster cannot be started. Workers are killed (SIGKILL) mid-task: ``evaluate``'s
 task runs again once and the table is unchanged; killed twice, the run stops with one line naming what
-is kept. A Ray Data actor killed in ``predict`` is not tested: Ray Data reports a kill during an
-actor's start and one during a call differently, and which one a kill hits could not be made
-reliable on a loaded machine (the handling is ``distributed._user_error``).
+is kept; ``predict``'s Ray Data actor killed while it scores is replaced and its batch scored again (the
+files are unchanged), and killed again the run stops, says how many images are kept, and ``--resume``
+finishes it. A kill during an actor's start (its model load) is not tested: Ray Data reports it
+differently, and the handling (``distributed._user_error``) is the same.
 """
 
 from __future__ import annotations
@@ -258,6 +259,39 @@ def test_predict_on_two_nodes_resumes_a_cut_run_to_the_same_bytes(cluster, model
     assert _files(cut) == one
 
 
+SCORER_CALL = "ray::MapWorker(MapBatches(_Scorer)).submit"  # Ray's title of a predict actor while it scores
+
+
+@pytest.mark.ray
+def test_a_predict_actor_killed_while_scoring_is_replaced_and_the_files_are_the_same(cluster, model_file: Path,
+                                                                                  images: list[str], tmp_path: Path,
+                                                                                  capsys):
+    common = ["--model", str(model_file)]  # batch size 4, the model's: 4 batches of 4
+    assert main(["predict", *images, "--out", str(tmp_path / "one"), *common]) == 0
+    with Killer(SCORER_CALL, limit=1) as killer:
+        code = main(["predict", *images, "--out", str(tmp_path / "ray"), "--ray", cluster.address, *common])
+    assert len(killer.killed) == 1 and code == 0, capsys.readouterr().err
+    assert _files(tmp_path / "ray") == _files(tmp_path / "one")
+
+
+@pytest.mark.ray
+def test_a_predict_actor_killed_again_stops_the_run_and_resume_finishes_it(cluster, model_file: Path,
+                                                                           images: list[str], tmp_path: Path, capsys):
+    """Every replacement killed too: one line, exit 2, saying how many images are scored and kept;
+    ``--resume`` (no kills) then ends with the files of a run that was never cut."""
+    common = ["--model", str(model_file)]  # batch size 4, the model's: 4 batches of 4
+    assert main(["predict", *images, "--out", str(tmp_path / "one"), *common]) == 0
+    cut = ["predict", *images, "--out", str(tmp_path / "ray"), "--ray", cluster.address, *common]
+    with Killer(SCORER_CALL, limit=10) as killer:
+        code = main(cut)
+    err = capsys.readouterr().err
+    assert code == 2 and len(killer.killed) >= 2, err
+    assert err.count("\n") == 1 and "a Ray worker died and its retry failed too" in err, err
+    assert "of 16 images are scored and kept" in err and "--resume" in err, err
+    assert main([*cut, "--resume"]) == 0
+    assert _files(tmp_path / "ray") == _files(tmp_path / "one")
+
+
 @pytest.mark.ray
 def test_sharded_search_on_two_nodes_equals_the_single_index(cluster, images: list[str]):
     """On the cluster, the model's own bank and index (ties and the torch backend are checked in process above)."""
@@ -287,3 +321,4 @@ def test_sharded_search_on_two_nodes_equals_the_single_index(cluster, images: li
         sharded.close()
     finally:
         ray.shutdown()
+
