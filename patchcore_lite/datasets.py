@@ -839,7 +839,8 @@ class Batch:
 
 
 def image_batches(
-    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = "", prefetch: int = 1
+    data: Data, preprocess: Preprocess, batch_size: int, progress: bool = False, desc: str = "",
+    prefetch: int | None = None,
 ) -> Iterator[Batch]:
     """The package's one batch loop: ``Batch``es from tensors, an ``ImageDataset``, samples or paths, in order.
 
@@ -847,7 +848,8 @@ def image_batches(
     experiments and the benchmarks read images through it. Files are checked before the first
     batch, so a bad image stops the run before any work is done rather than halfway through it.
     Image files are decoded ``prefetch`` batches ahead by a background thread (``prefetched``), so
-    decoding overlaps the network and the search; 0 decodes in the caller's thread.
+    decoding overlaps the network and the search; 0 decodes in the caller's thread; None:
+    ``default_prefetch()``. The batches are the same either way.
     """
     if isinstance(data, torch.Tensor):
         parts: Iterable = ((chunk, None) for chunk in data.split(batch_size))
@@ -859,12 +861,22 @@ def image_batches(
             data = ImageDataset(samples, preprocess)
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
         decoded = ((b["image"], b["mask"].bool()) if isinstance(b, dict) else (b, None) for b in loader)
-        parts = prefetched(decoded, prefetch) if prefetch else decoded
+        depth = default_prefetch() if prefetch is None else prefetch
+        parts = prefetched(decoded, depth) if depth else decoded
         total = len(loader)
     start = 0
     for images, masks in tqdm(parts, total=total, desc=desc, disable=not progress, unit="batch"):
         yield Batch(images, masks, start)
         start += len(images)
+
+
+def default_prefetch() -> int:
+    """1 (decode a batch ahead in a thread) where this process has a core that torch's threads leave
+    free, else 0. Without a free core the decoding thread only takes time from the network and the
+    search: on 2 cores and 2 torch threads, ``benchmarks/bench_pipeline.py`` measured 14.2 images/s
+    with it and 15.1 without (RESULTS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(cores > torch.get_num_threads())
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from patchcore_lite.datasets import (
     Preprocess,
     Sample,
     dataset_kind,
+    default_prefetch,
     find_categories,
     image_batches,
     list_images,
@@ -512,6 +514,18 @@ def test_prefetching_gives_the_same_batches_in_the_same_order(tmp_path):
         assert [b.start for b in run] == [b.start for b in runs[0]] == [0, 2, 4]
         for a, b in zip(run, runs[0]):
             assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+
+
+def test_the_loader_prefetches_only_where_torch_leaves_a_core_free(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert default_prefetch() == 0  # both cores busy with the network and the search
+        torch.set_num_threads(1)
+        assert default_prefetch() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def counted(n: int, made: list[int]):
