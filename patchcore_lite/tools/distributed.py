@@ -50,6 +50,7 @@ JOIN_WAIT_S = "5"  # Ray's GCS wait when joining (default 41 s per try, 20 tries
 AGENT_WAIT_MS = "120000"  # a local raylet's wait for its agents (Ray: 30 s); their imports take longer on a busy machine
 SHARD_ALIGN = 1024  # faiss and the torch backend walk the bank in 1024-row tiles: shards start on a tile
 RETRIES = 1  # a worker that dies is replaced, and its work redone, once; a second death stops the run
+QUIET = logging.WARNING  # Ray's own INFO lines ("Connecting to existing Ray cluster ...") stay off the terminal
 
 
 class ClusterError(PatchCoreError):
@@ -89,10 +90,10 @@ def connect(address: str | None) -> None:
     try:
         if address:
             with _env(RAY_gcs_server_port_wait_time_s=JOIN_WAIT_S):  # for the join only: it also bounds a local start
-                ray.init(address=f"{host}:{port}", log_to_driver=False)
+                ray.init(address=f"{host}:{port}", log_to_driver=False, logging_level=QUIET)
         else:  # "local": a new instance, never a cluster someone else started on this machine
             with _env(RAY_agent_register_timeout_ms=os.environ.get("RAY_agent_register_timeout_ms", AGENT_WAIT_MS)):
-                ray.init(address="local", include_dashboard=False, log_to_driver=False)
+                ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=QUIET)
     except ConnectionError as exc:
         raise ClusterError(_connect_message(address or "a local instance", exc)) from None
     except Exception as exc:  # Ray raises a bare Exception when a node's start times out
