@@ -262,26 +262,31 @@ def test_predict_on_two_nodes_resumes_a_cut_run_to_the_same_bytes(cluster, model
 SCORER_CALL = "ray::MapWorker(MapBatches(_Scorer)).submit"  # Ray's title of a predict actor while it scores
 
 
+@pytest.fixture(scope="module")
+def one_process_files(model_file: Path, images: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The files of ``predict --model M`` in one process (batch size 4, the model's: 4 batches of 4)."""
+    out = tmp_path_factory.mktemp("one_predict")
+    assert main(["predict", *images, "--out", str(out), "--model", str(model_file)]) == 0
+    return _files(out)
+
+
 @pytest.mark.ray
 def test_a_predict_actor_killed_while_scoring_is_replaced_and_the_files_are_the_same(cluster, model_file: Path,
                                                                                   images: list[str], tmp_path: Path,
-                                                                                  capsys):
-    common = ["--model", str(model_file)]  # batch size 4, the model's: 4 batches of 4
-    assert main(["predict", *images, "--out", str(tmp_path / "one"), *common]) == 0
+                                                                                  one_process_files: dict, capsys):
     with Killer(SCORER_CALL, limit=1) as killer:
-        code = main(["predict", *images, "--out", str(tmp_path / "ray"), "--ray", cluster.address, *common])
+        code = main(["predict", *images, "--out", str(tmp_path), "--ray", cluster.address, "--model", str(model_file)])
     assert len(killer.killed) == 1 and code == 0, capsys.readouterr().err
-    assert _files(tmp_path / "ray") == _files(tmp_path / "one")
+    assert _files(tmp_path) == one_process_files
 
 
 @pytest.mark.ray
 def test_a_predict_actor_killed_again_stops_the_run_and_resume_finishes_it(cluster, model_file: Path,
-                                                                           images: list[str], tmp_path: Path, capsys):
+                                                                           images: list[str], tmp_path: Path,
+                                                                           one_process_files: dict, capsys):
     """Every replacement killed too: one line, exit 2, saying how many images are scored and kept;
     ``--resume`` (no kills) then ends with the files of a run that was never cut."""
-    common = ["--model", str(model_file)]  # batch size 4, the model's: 4 batches of 4
-    assert main(["predict", *images, "--out", str(tmp_path / "one"), *common]) == 0
-    cut = ["predict", *images, "--out", str(tmp_path / "ray"), "--ray", cluster.address, *common]
+    cut = ["predict", *images, "--out", str(tmp_path), "--ray", cluster.address, "--model", str(model_file)]
     with Killer(SCORER_CALL, limit=10) as killer:
         code = main(cut)
     err = capsys.readouterr().err
@@ -289,7 +294,7 @@ def test_a_predict_actor_killed_again_stops_the_run_and_resume_finishes_it(clust
     assert err.count("\n") == 1 and "a Ray worker died and its retry failed too" in err, err
     assert "of 16 images are scored and kept" in err and "--resume" in err, err
     assert main([*cut, "--resume"]) == 0
-    assert _files(tmp_path / "ray") == _files(tmp_path / "one")
+    assert _files(tmp_path) == one_process_files
 
 
 @pytest.mark.ray
@@ -321,4 +326,3 @@ def test_sharded_search_on_two_nodes_equals_the_single_index(cluster, images: li
         sharded.close()
     finally:
         ray.shutdown()
-

@@ -249,14 +249,14 @@ def _evaluate_all(roots: list[Path], args: argparse.Namespace, out: Path) -> lis
                 kept = len(table)
                 if args.figures:
                     _figures(result, out, preprocess or PatchCore(checked[i][0], weights_path=args.weights).preprocess)
-        except PatchCoreError as exc:
+        except (PatchCoreError, KeyboardInterrupt) as exc:
+            kept_note = (f"{kept} of {len(roots)} categories evaluated and kept in {shown(out / 'results.csv')}; "
+                         "run again with --overwrite to redo them")
+            if isinstance(exc, KeyboardInterrupt):
+                raise _interrupted(exc, kept_note) from None
             if args.ray is None:
                 raise
-            raise type(exc)(f"{exc}; {kept} of {len(roots)} categories evaluated and kept in "
-                            f"{shown(out / 'results.csv')}; run again with --overwrite to redo them") from None
-        except KeyboardInterrupt as exc:
-            raise _interrupted(exc, f"{kept} of {len(roots)} categories evaluated and kept in "
-                                    f"{shown(out / 'results.csv')}; run again with --overwrite to redo them") from None
+            raise type(exc)(f"{exc}; {kept_note}") from None
     print("\n" + format_table([rows[j] for j in sorted(rows)]))
     print(f"\nresults: {out / 'results.csv'}")
     return [results[j] for j in sorted(results)]
