@@ -208,4 +208,9 @@ std::vector<at::Tensor> filter_knn1(at::Tensor aq, at::Tensor bank_p, at::Tensor
   return {qi, mi, s, t, heavy, at::scalar_tensor(static_cast<double>(pushed), at::kDouble)};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("filter_knn1", &filter_knn1, "fused certified k=1 filter"); }
+std::vector<at::Tensor> catch_up_pairs(at::Tensor approx, at::Tensor r, double tol);  // lazy_greedy.cpp
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("filter_knn1", &filter_knn1, "fused certified k=1 filter");
+  m.def("catch_up_pairs", &catch_up_pairs, "the coreset's catch-up filter pass");
+}

@@ -229,8 +229,9 @@ _KERNEL: dict[str, object] = {}  # "module": the loaded extension, or None where
 
 
 def fused_kernel() -> object | None:
-    """The compiled k = 1 filter (``exact_search.cpp``), built at first use and cached by torch (about a
-    minute, once per machine); None, with one warning line, where the CPU lacks AVX2 or no compiler works."""
+    """The package's compiled kernels: the k = 1 filter (``exact_search.cpp``) and the coreset's catch-up
+    pass (``lazy_greedy.cpp``), built at first use and cached by torch (about a minute, once per machine);
+    None, with one warning line, where the CPU lacks AVX2 or no compiler works."""
     if "module" not in _KERNEL:
         _KERNEL["module"] = _build_kernel()
     return _KERNEL["module"]
@@ -249,14 +250,16 @@ def _build_kernel() -> object | None:
 
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # + py3xx_cpu/
             if not any(root.glob(f"{KERNEL_NAME}/*.so")) and not any(root.glob(f"*/{KERNEL_NAME}/*.so")):
-                print("exact search: compiling its AVX2 kernel (once per machine, about a minute)", file=sys.stderr)
-            return load(KERNEL_NAME, [str(Path(__file__).with_name("exact_search.cpp"))],
+                print("patchcore_lite: compiling its AVX2 kernels (exact search, coreset; once per machine, "
+                      "about a minute)", file=sys.stderr)
+            here = Path(__file__).parent
+            return load(KERNEL_NAME, [str(here / "exact_search.cpp"), str(here / "lazy_greedy.cpp")],
                         extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as exc:  # no compiler, no ninja, no headers: the torch-ops path is just as exact
             last = (str(exc).strip().splitlines() or [""])[-1]
             reason = f"it could not be compiled: {type(exc).__name__}: {last}"
-    warnings.warn(f"exact search: fused AVX2 kernel unavailable ({reason}); using the exact torch-ops path "
-                  "(identical results, slower: install a C++ compiler and ninja for the fast path)",
+    warnings.warn(f"patchcore_lite: fused AVX2 kernel unavailable ({reason}); exact search and coreset use "
+                  "torch ops (identical results, slower: install a C++ compiler and ninja for the fast path)",
                   RuntimeWarning, stacklevel=3)
     return None
 

@@ -47,7 +47,7 @@ change the upsampled, blurred maps (and the means over k > 1 neighbours).
 Search: exact search costs ``2 N M D`` flops per image (N test patches, M bank
 vectors), so at a bottle-size bank it takes most of the inference time on a CPU.
 ``knn_backend="exact"`` returns the same nearest neighbours with far fewer flops: a certified
-lower bound from 32 principal components rules out almost every bank vector, and the rest are
+lower bound from 64 principal components rules out almost every bank vector, and the rest are
 re-ranked exactly (``exact_search``; the default ``faiss`` is the official code's ``IndexFlatL2``).
 ``knn_index="ivf"`` (approximate, faiss inverted lists) does less work;
 ``benchmarks/bench_knn.py --dataset`` measures its speed and what it costs in accuracy.

@@ -13,7 +13,20 @@ from patchcore_lite.coreset import (
     random_projection,
     select_coreset,
 )
-from patchcore_lite.lazy_greedy import lazy_greedy_coreset
+from patchcore_lite.exact_search import fused_kernel
+from patchcore_lite.lazy_greedy import _filter_pairs, lazy_greedy_coreset
+
+
+@pytest.fixture(params=["torch ops", "compiled"])
+def filter_pass(request, monkeypatch):
+    """Both implementations of the catch-up filter pass, the compiled one (lazy_greedy.cpp) at every bank size."""
+    if request.param == "compiled":
+        if fused_kernel() is None:
+            pytest.skip("no compiled kernel on this machine (no AVX2 or no C++ compiler): the torch ops run")
+        monkeypatch.setattr(lg, "NATIVE_MIN", 0)
+    else:
+        monkeypatch.setattr(lg, "NATIVE_MIN", 2**62)
+    return request.param
 
 
 def _case(seed: int) -> tuple[torch.Tensor, int]:
@@ -41,7 +54,7 @@ def _case(seed: int) -> tuple[torch.Tensor, int]:
 
 @pytest.mark.parametrize("start", ["official", "single"])
 @pytest.mark.parametrize("seed", range(30))
-def test_fast_equals_plain(seed, start):
+def test_fast_equals_plain(seed, start, filter_pass):
     x, k = _case(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fast path must really run here
@@ -53,7 +66,7 @@ def test_fast_equals_plain(seed, start):
 
 @pytest.mark.parametrize("window", [1, 3])
 @pytest.mark.parametrize("seed", range(4))
-def test_fast_equals_plain_tiny_hot_set(monkeypatch, seed, window):
+def test_fast_equals_plain_tiny_hot_set(monkeypatch, seed, window, filter_pass):
     """Tiny hot set, catch-up windows, filter chunks and compaction period: every branch runs often."""
     monkeypatch.setattr(lg, "HOT", 8)
     monkeypatch.setattr(lg, "_FILTER_ELEMS", 2048)
@@ -103,3 +116,42 @@ def test_fast_path_falls_back_when_kernels_differ(monkeypatch):
 def test_ties_pick_lowest_index_like_the_plain_loop():
     x = torch.tensor([[-1.0], [1.0], [-1.0], [1.0]])
     assert lazy_greedy_coreset(x, 3, num_starts=4).tolist() == greedy_coreset(x, 3, num_starts=4).tolist() == [0, 1, 2]
+
+
+def _filter_cases():
+    """Filter products with exact ties, entries equal to a threshold, +inf, and widths around the 8 lanes."""
+    g = gen(7)
+    for n, m in [(1, 1), (2, 7), (5, 8), (9, 9), (40, 17), (300, 130), (64, 1000)]:
+        a = torch.randint(0, 40, (n, m), generator=g).float() / 8  # many equal values
+        r = torch.randint(0, 40, (n,), generator=g).float() / 8
+        a[:, ::5] = a[:, :1].clone()  # ties with the first column
+        if m > 3:
+            a[0, 3] = float("inf")
+        yield a, r, 0.0  # entries equal to r + tol or low + 2 tol: on the boundary
+        yield a, r, 0.125
+        yield a + torch.rand(n, m, generator=g) * 1e-6, r, 1e-6  # near-ties within the margin
+
+
+@pytest.mark.parametrize("case", range(21))
+def test_compiled_filter_pass_selects_the_same_pairs(case):
+    """lazy_greedy.cpp's single pass returns the torch ops' (row, column) pairs, in the same order."""
+    if fused_kernel() is None:
+        pytest.skip("no compiled kernel on this machine (no AVX2 or no C++ compiler): the torch ops run")
+    approx, r, tol = list(_filter_cases())[case]
+    expected = _filter_pairs(approx, r, tol)
+    got = _filter_pairs(approx, r, tol, fused_kernel())
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    rows, cols = expected  # and the selection is the documented one
+    low = approx.amin(dim=1)
+    keep = (low < r + tol)[:, None] & (approx <= torch.minimum(r + tol, low + 2 * tol)[:, None])
+    assert torch.equal(torch.stack([rows, cols]), torch.nonzero(keep).T)
+
+
+def test_only_large_banks_wait_for_the_compiler(monkeypatch):
+    """Banks of NATIVE_MIN points or more ask for the compiled pass; a first small fit never builds it."""
+    asked = []
+    monkeypatch.setattr(lg, "fused_kernel", lambda: asked.append(True))  # None: the torch ops run
+    monkeypatch.setattr(lg, "NATIVE_MIN", 400)
+    x = torch.randn(500, 8, generator=gen(3))
+    assert torch.equal(lazy_greedy_coreset(x[:399], 40), greedy_coreset(x[:399], 40)) and not asked
+    assert torch.equal(lazy_greedy_coreset(x, 40), greedy_coreset(x, 40)) and asked == [True]
