@@ -8,8 +8,8 @@ installed, or the cluster cannot be started. Workers are killed (SIGKILL) mid-ta
 task runs again once and the table is unchanged; killed twice, the run stops with one line naming what
 is kept; ``predict``'s Ray Data actor killed while it scores is replaced and its batch scored again (the
 files are unchanged), and killed again the run stops, says how many images are kept, and ``--resume``
-finishes it. A kill during an actor's start (its model load) is not tested: Ray Data reports it
-differently, and the handling (``distributed._user_error``) is the same.
+finishes it. The same holds for a kill during an actor's start (its model load): Ray starts the actor
+again, and if every start is killed the run stops with the same one line.
 """
 
 from __future__ import annotations
@@ -260,6 +260,7 @@ def test_predict_on_two_nodes_resumes_a_cut_run_to_the_same_bytes(cluster, model
 
 
 SCORER_CALL = "ray::MapWorker(MapBatches(_Scorer)).submit"  # Ray's title of a predict actor while it scores
+SCORER_START = "ray::MapWorker(MapBatches(_Scorer)).__init__"  # ... while it loads the model
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +279,28 @@ def test_a_predict_actor_killed_while_scoring_is_replaced_and_the_files_are_the_
         code = main(["predict", *images, "--out", str(tmp_path), "--ray", cluster.address, "--model", str(model_file)])
     assert len(killer.killed) == 1 and code == 0, capsys.readouterr().err
     assert _files(tmp_path) == one_process_files
+
+
+@pytest.mark.ray
+def test_a_predict_actor_killed_while_loading_the_model_starts_again_and_the_files_are_the_same(
+        cluster, model_file: Path, images: list[str], tmp_path: Path, one_process_files: dict, capsys):
+    with Killer(SCORER_START, limit=1) as killer:
+        code = main(["predict", *images, "--out", str(tmp_path), "--ray", cluster.address, "--model", str(model_file)])
+    assert len(killer.killed) == 1 and code == 0, capsys.readouterr().err
+    assert _files(tmp_path) == one_process_files
+
+
+@pytest.mark.ray
+def test_a_predict_actor_killed_at_every_start_stops_the_run_with_one_line(cluster, model_file: Path,
+                                                                           images: list[str], tmp_path: Path, capsys):
+    """No actor ever loads the model: one line, exit 2, nothing scored, and the command that continues."""
+    cut = ["predict", *images, "--out", str(tmp_path), "--ray", cluster.address, "--model", str(model_file)]
+    with Killer(SCORER_START, limit=10) as killer:
+        code = main(cut)
+    err = capsys.readouterr().err
+    assert code == 2 and len(killer.killed) >= 2, err
+    assert err.count("\n") == 1 and "a Ray worker died and its retry failed too" in err, err
+    assert "0 of 16 images are scored and kept" in err and err.rstrip().endswith("--resume"), err
 
 
 @pytest.mark.ray
