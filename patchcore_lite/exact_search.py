@@ -95,6 +95,7 @@ the path taken.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -224,7 +225,9 @@ def cpu_support() -> dict[str, bool]:
     return probe
 
 
-KERNEL_NAME = "patchcore_lite_exact_search"
+# One build per checkout: torch rebuilds an extension whenever its sources' paths change, so two
+# checkouts sharing one name would rebuild it (a minute) each time the other had run.
+KERNEL_NAME = "patchcore_lite_kernels_" + hashlib.sha256(str(Path(__file__).resolve().parent).encode()).hexdigest()[:10]
 _KERNEL: dict[str, object] = {}  # "module": the loaded extension, or None where it cannot be built
 
 

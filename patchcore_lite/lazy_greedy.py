@@ -21,8 +21,9 @@ How it stays identical to the plain loop, ties included (lowest index wins):
 
 On banks of ``NATIVE_MIN`` points or more the filter's pass over the product (row minima, then the
 pairs below each row's threshold) runs as one compiled loop (``lazy_greedy.cpp``, built with the
-exact search's kernel, ``exact_search.fused_kernel``): the same pairs as the torch ops, one read of
-the product instead of five (1.2-1.3x on the whole coreset of a bottle-size bank, RESULTS.md).
+exact search's kernel, ``exact_search.fused_kernel``): the same pairs as the torch ops, in one read
+of the product instead of their four passes (minimum, gather, compare, nonzero); 1.24x on the whole
+coreset of a bottle-size bank (RESULTS.md).
 Smaller banks use the torch ops, so a first small fit never waits for the compiler.
 
 The hot set holds ``min(HOT, max(64, N // 8))`` points (``HOT`` = 16384: 8 MiB at d = 128,
