@@ -233,7 +233,7 @@ _KERNEL: dict[str, object] = {}  # "module": the loaded extension, or None where
 
 def fused_kernel() -> object | None:
     """The package's compiled kernels: the k = 1 filter (``exact_search.cpp``) and the coreset's catch-up
-    pass (``lazy_greedy.cpp``), built at first use and cached by torch (about a minute, once per machine);
+    pass (``lazy_greedy.cpp``), built at first use and cached by torch (about a minute, once per checkout);
     None, with one warning line, where the CPU lacks AVX2 or no compiler works."""
     if "module" not in _KERNEL:
         _KERNEL["module"] = _build_kernel()
@@ -253,7 +253,7 @@ def _build_kernel() -> object | None:
 
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())  # + py3xx_cpu/
             if not any(root.glob(f"{KERNEL_NAME}/*.so")) and not any(root.glob(f"*/{KERNEL_NAME}/*.so")):
-                print("patchcore_lite: compiling its AVX2 kernels (exact search, coreset; once per machine, "
+                print("patchcore_lite: compiling its AVX2 kernels (exact search, coreset; once per checkout, "
                       "about a minute)", file=sys.stderr)
             here = Path(__file__).parent
             return load(KERNEL_NAME, [str(here / "exact_search.cpp"), str(here / "lazy_greedy.cpp")],

@@ -1,5 +1,5 @@
 // The coreset's catch-up filter pass (lazy_greedy._filter_pairs, term for term), in one read of the
-// filter product instead of four torch ops (row minimum, compare, gather, compare, nonzero): each row
+// filter product instead of the torch ops' passes (row minimum, compare, gather, compare, nonzero): each row
 // is still in L1 when its pairs are collected. Built with exact_search.cpp into one extension.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
