@@ -1,6 +1,8 @@
 """Greedy coreset: the fast path (lazy_greedy) vs the plain loop (coreset.greedy_coreset) on one bank, same
-start; checks the indices are identical. From lazy_greedy.NATIVE_MIN points the fast path runs twice per
-round, interleaved: with its compiled catch-up filter pass (the default there) and with the torch ops.
+start; checks the indices are identical. From lazy_greedy.NATIVE_MIN points the fast path runs three times per
+round, interleaved: with its compiled catch-up filter after a lower bound in lazy_greedy.BOUND_DIMS principal
+components (the default there, for d >= 2 x BOUND_DIMS), with the compiled filter pass alone, and with the
+torch ops.
 
     python benchmarks/bench_coreset.py                       # uniform and clustered 163,856 x 128, 10 %
     python benchmarks/bench_coreset.py --data clustered --no-plain
@@ -48,27 +50,35 @@ def run(name: str, bank: torch.Tensor, args: argparse.Namespace) -> bool:
     n_select = max(1, int(len(bank) * args.ratio))
     print(f"\n== {name}: bank {tuple(bank.shape)} ({bank.numel() * 4 / 2**20:.0f} MiB float32), "
           f"{n_select} picks, start={args.start}, {torch.get_num_threads()} threads")
-    default_min = lazy_greedy.NATIVE_MIN
-    passes = {"compiled pass": default_min, "torch-ops pass": 2**62}  # the NATIVE_MIN giving each
+    default_min, default_dims = lazy_greedy.NATIVE_MIN, lazy_greedy.BOUND_DIMS
+    passes = {  # (NATIVE_MIN, BOUND_DIMS) giving each
+        f"bound {default_dims} + compiled": (default_min, default_dims),
+        "compiled pass": (default_min, 2**62),
+        "torch-ops pass": (2**62, default_dims),
+    }
     if len(bank) < default_min or fused_kernel() is None:
-        del passes["compiled pass"]
+        passes = {"torch-ops pass": passes["torch-ops pass"]}
+    elif bank.shape[1] < 2 * default_dims:
+        del passes[f"bound {default_dims} + compiled"]
     runs, picks = {name: [] for name in passes}, {}
     for _ in range(args.repeat):  # this machine's timings wander by +-25% between runs: interleave
-        for kind, native_min in passes.items():
-            lazy_greedy.NATIVE_MIN = native_min
+        for kind, (native_min, dims) in passes.items():
+            lazy_greedy.NATIVE_MIN, lazy_greedy.BOUND_DIMS = native_min, dims
             t = time.perf_counter()
             picks[kind] = lazy_greedy_coreset(bank, n_select, start=args.start, seed=args.seed)
             runs[kind].append(time.perf_counter() - t)
-    lazy_greedy.NATIVE_MIN = default_min
+    lazy_greedy.NATIVE_MIN, lazy_greedy.BOUND_DIMS = default_min, default_dims
     for kind, times in runs.items():
         t = statistics.median(times)
-        print(f"fast, {kind:<14}: {t:7.2f} s  {1e3 * t / n_select:6.3f} ms/pick  peak RSS {peak_rss_mib():6.0f} MiB"
+        print(f"fast, {kind:<18}: {t:7.2f} s  {1e3 * t / n_select:6.3f} ms/pick  peak RSS {peak_rss_mib():6.0f} MiB"
               f"  (median of {', '.join(f'{r:.2f}' for r in times)})")
-    fast = picks[next(iter(passes))]  # what select_coreset runs at this size
+    first = next(iter(passes))  # what select_coreset runs at this size
+    fast = picks[first]
     same = all(torch.equal(f, fast) for f in picks.values())
-    if len(passes) == 2:
-        ratio = statistics.median(runs["torch-ops pass"]) / statistics.median(runs["compiled pass"])
-        print(f"compiled pass: {ratio:.2f}x the torch ops, identical indices: {same}")
+    for kind in list(passes)[1:]:
+        ratio = statistics.median(runs[kind]) / statistics.median(runs[first])
+        print(f"{first}: {ratio:.2f}x the {kind}")
+    print(f"identical indices: {same}")
     if not args.plain:
         return same
     t_fast = statistics.median(runs[next(iter(passes))])

@@ -19,12 +19,16 @@ How it stays identical to the plain loop, ties included (lowest index wins):
   recomputed exactly; ``_kernels_match`` checks on the machine at hand that the BLAS sums each
   dot product the same way in the batched and matrix-vector products (if not, the plain loop runs).
 
-On banks of ``NATIVE_MIN`` points or more the filter's pass over the product (row minima, then the
-pairs below each row's threshold) runs as one compiled loop (``lazy_greedy.cpp``, built with the
-exact search's kernel, ``exact_search.fused_kernel``): the same pairs as the torch ops, in one read
-of the product instead of their four passes (minimum, gather, compare, nonzero); 1.24x on the whole
-coreset of a bottle-size bank (RESULTS.md).
-Smaller banks use the torch ops, so a first small fit never waits for the compiler.
+On banks of ``NATIVE_MIN`` points or more the filter runs compiled (``lazy_greedy.cpp``, built with
+the exact search's kernel, ``exact_search.fused_kernel``). At d >= 2 x ``BOUND_DIMS`` (the default
+projection, d = 128) a certified lower bound in the bank's ``BOUND_DIMS`` = 32 leading principal
+components (``_LowBound``, 34 numbers a pair instead of 130) is computed first, in registers, and
+the full filter only for the pairs it cannot rule out (1% on a bottle-size bank); below that the
+compiled pass reads the full product once (the same pairs as the torch ops' four passes). Either
+way every pair that may lower a min-distance is still recomputed with the plain arithmetic, so the
+picks do not change. On a bottle-size bank: 1.24x (compiled pass) and then about 1.3x more (the
+bound) on the whole coreset (RESULTS.md). Smaller banks use the torch ops, so a first small fit
+never waits for the compiler.
 
 The hot set holds ``min(HOT, max(64, N // 8))`` points (``HOT`` = 16384: 8 MiB at d = 128,
 cache-sized), so below about ``8 * HOT`` points it is an eighth of the bank. ``tests/test_coreset.py``
@@ -49,8 +53,10 @@ HOT = 16384  # points kept up to date per pick (8 MiB of float32 at d = 128)
 _COMPACT_EVERY = 32  # picks between checks whether the hot set can shrink
 _LAG_RATIO = 1.25  # catch-up groups points whose missed-pick counts differ by < 25%
 _FILTER_ELEMS = 1 << 21  # entries of one filter matrix product (8 MiB of float32)
+_BOUND_PAIRS = 1 << 24  # pairs per call of the fused bound pass (it stores no product: fewer, larger calls)
 _FIRST_WINDOW = 128  # catch-up: the newest 128 missed picks first, then 256, 512, ...
 NATIVE_MIN = 100_000  # banks from this size use the compiled filter pass (saves ~3 s at 270k points)
+BOUND_DIMS = 32  # principal components of the compiled path's lower-bound pass (used when d >= 2 x this)
 
 
 def lazy_greedy_coreset(
@@ -65,7 +71,8 @@ def lazy_greedy_coreset(
 
     There is no size threshold: it runs at every bank size, unless this machine's BLAS fails
     ``_kernels_match``, and then the plain loop runs (same result, slower). From ``NATIVE_MIN``
-    points the filter pass is compiled (``_filter_pairs``, same pairs).
+    points the filter is compiled (``_filter_pairs``, same pairs; with ``_LowBound`` first where
+    d >= 2 x ``BOUND_DIMS``).
     """
     x, xt, xsq, picks, mindist, rng = greedy_start(projected, n_select, start, num_starts, seed)
     if not _kernels_match(x, xt, xsq, rng):
@@ -140,6 +147,7 @@ class _LazyGreedy:
         # Filter and plain arithmetic each give a squared distance within
         # (d + 4) u (|x| + |c|)^2 of the exact one (sums of d + 2 terms); 2x margin.
         self.kappa = 4 * (d + 4) * _UNIT
+        self.low = _LowBound(x, n_select, BOUND_DIMS) if native is not None and d >= 2 * BOUND_DIMS else None
 
     def run(self, bar: tqdm) -> None:
         n_select = len(self.pick_rows)
@@ -177,15 +185,22 @@ class _LazyGreedy:
     def _refill(self) -> None:
         """Lower tau to the hot_size-th largest bound; bring every point above it up to date."""
         t = len(self.picks)
-        new = torch.tensor(self.picks[self.n_rows : t], dtype=torch.long)
-        self.pick_rows[self.n_rows : t, :-2] = self.x[new]
-        self.pick_rows[self.n_rows : t, -2] = self.xsq[new]
-        self.n_rows = t
+        self._add_pick_rows()
         k = min(self.hot_size, len(self.mindist))
         self.tau = torch.topk(self.mindist, k, sorted=False).values.min().item()
         above = self.mindist >= self.tau
         self._catch_up(torch.nonzero(above & (self.seen < t)).view(-1), t)
         self.hot = torch.nonzero(self.mindist >= self.tau).view(-1)  # ascending: ties -> lowest index
+
+    def _add_pick_rows(self) -> None:
+        """The filters' rows of the picks made since the last call (pick_rows, and the bound's columns)."""
+        t = len(self.picks)
+        new = torch.tensor(self.picks[self.n_rows : t], dtype=torch.long)
+        self.pick_rows[self.n_rows : t, :-2] = self.x[new]
+        self.pick_rows[self.n_rows : t, -2] = self.xsq[new]
+        if self.low is not None:
+            self.low.picks_t[:, self.n_rows : t] = self.low.rows.index_select(0, new).T
+        self.n_rows = t
 
     def _catch_up(self, ids: Tensor, t: int) -> None:
         """Apply the picks each point of ``ids`` missed (exact), newest first, until it drops below tau.
@@ -206,9 +221,10 @@ class _LazyGreedy:
         for b in torch.unique(bucket).tolist():
             members = ids[bucket == b]
             first, end, width = int(self.seen[members].min()), t, _FIRST_WINDOW
+            pairs = _BOUND_PAIRS if self.low is not None else _FILTER_ELEMS
             while len(members) and end > first:
                 start = max(first, end - width)
-                for chunk in members.split(max(1, _FILTER_ELEMS // (end - start))):
+                for chunk in members.split(max(1, pairs // (end - start))):
                     self._apply(chunk, start, end)
                 members = members[self.mindist[members] >= self.tau]
                 end, width = start, 2 * width
@@ -217,16 +233,48 @@ class _LazyGreedy:
     def _apply(self, ids: Tensor, first: int, t: int) -> None:
         d = self.x.shape[1]
         pending = self.pick_rows[first:t]
-        # Row gathers by index_select: 3-6x faster than x[ids] here, the same copies.
-        approx = self.aug.index_select(0, ids) @ pending.T  # (n, m) squared distances, a filter only
         norm = self.xsq.index_select(0, ids).max().sqrt() + pending[:, -2].max().sqrt()
         tol = self.kappa * norm.item() ** 2
-        rows, cols = _filter_pairs(approx, self.mindist.index_select(0, ids), tol, self.native)
+        r = self.mindist.index_select(0, ids)
+        # Row gathers by index_select: 3-6x faster than x[ids] here, the same copies.
+        if self.low is None:
+            approx = self.aug.index_select(0, ids) @ pending.T  # (n, m) squared distances, a filter only
+            rows, cols = _filter_pairs(approx, r, tol, self.native)
+        else:  # a bound in BOUND_DIMS dimensions first; the full filter only where it cannot rule out
+            bound_tol = tol + self.low.kappa * norm.item() ** 2
+            rows, cols = self.native.pruned_pairs(self.low.aug, self.low.picks_t, self.aug, self.pick_rows, ids, r,
+                                                  first, t, bound_tol, tol)
         if len(rows) == 0:
             return
         pts, cs = ids.index_select(0, rows), pending.index_select(0, cols)  # may lower a min-distance: recompute
         exact = _pair_distances(cs[:, :d], cs[:, d], self.x.index_select(0, pts), self.xsq.index_select(0, pts))
         self.mindist.scatter_reduce_(0, pts, exact, "amin")
+
+
+class _LowBound:
+    """A lower bound of the squared distances in k dimensions, for the compiled catch-up's first pass.
+
+    With V the bank's k leading principal directions (orthonormal, so ``|V^T z| <= |z|``), the
+    projections y = V^T x give ``|y_p - y_c|^2 <= |x_p - x_c|^2``. The pass computes it as the filter
+    does, ``|y_p|^2 - 2 y_p.y_c + |y_c|^2`` from rows ``aug`` and ``picks``, within
+    ``4 (k + 4) u N^2`` (N = |x_p| + |x_c|, u the unit roundoff, as ``kappa``); rounding y to float32
+    moves |y_p - y_c| by at most u N, the square by at most 3 u N^2 (|x_p - x_c| <= N). So a pair
+    whose bound exceeds ``r + tol + kappa N^2`` (``kappa`` = the sum of both terms, doubled) has a
+    plain-arithmetic distance above r (which is within tol of the exact one): it cannot lower r.
+    On the 288 default's 270,864 x 128 bank, k = 32 leaves 1% of the pairs (RESULTS.md).
+    """
+
+    def __init__(self, x: Tensor, n_select: int, k: int):
+        xd = x.double()
+        vecs = torch.linalg.eigh(xd.T @ xd).eigenvectors[:, -k:]  # x is centred: the covariance's top k
+        vecs /= torch.linalg.matrix_norm(vecs, ord=2)  # a contraction, to float64 rounding (far inside kappa)
+        y = (xd @ vecs).float()
+        ysq = (y * y).sum(dim=1, keepdim=True)
+        ones = torch.ones(len(x), 1)
+        self.aug = torch.cat([-2 * y, ones, ysq], dim=1)  # row p . [y_c, |y_c|^2, 1]
+        self.rows = torch.cat([y, ysq, ones], dim=1)
+        self.picks_t = torch.empty(k + 2, n_select)  # columns: the picks so far, filled as pick_rows
+        self.kappa = (4 * (k + 4) + 6) * _UNIT
 
 
 def _filter_pairs(approx: Tensor, r: Tensor, tol: float, native: object | None = None) -> tuple[Tensor, Tensor]:

@@ -9,23 +9,27 @@ from banks import clustered, gen
 from patchcore_lite import lazy_greedy as lg
 from patchcore_lite.coreset import (
     STARTS,
+    distances_to,
     greedy_coreset,
+    greedy_start,
     random_projection,
     select_coreset,
 )
 from patchcore_lite.exact_search import fused_kernel
-from patchcore_lite.lazy_greedy import _filter_pairs, lazy_greedy_coreset
+from patchcore_lite.lazy_greedy import _filter_pairs, _LazyGreedy, _LowBound, lazy_greedy_coreset
 
 
-@pytest.fixture(params=["torch ops", "compiled"])
+@pytest.fixture(params=["torch ops", "compiled", "bound + compiled"])
 def filter_pass(request, monkeypatch):
-    """Both implementations of the catch-up filter pass, the compiled one (lazy_greedy.cpp) at every bank size."""
-    if request.param == "compiled":
-        if fused_kernel() is None:
-            pytest.skip("no compiled kernel on this machine (no AVX2 or no C++ compiler): the torch ops run")
-        monkeypatch.setattr(lg, "NATIVE_MIN", 0)
-    else:
+    """The three implementations of the catch-up filter, the compiled ones (lazy_greedy.cpp) at every bank
+    size; "bound + compiled" (a lower bound in BOUND_DIMS principal components first) from d = 4."""
+    if request.param == "torch ops":
         monkeypatch.setattr(lg, "NATIVE_MIN", 2**62)
+        return request.param
+    if fused_kernel() is None:
+        pytest.skip("no compiled kernel on this machine (no AVX2 or no C++ compiler): the torch ops run")
+    monkeypatch.setattr(lg, "NATIVE_MIN", 0)
+    monkeypatch.setattr(lg, "BOUND_DIMS", 2 if request.param == "bound + compiled" else 2**62)
     return request.param
 
 
@@ -70,6 +74,7 @@ def test_fast_equals_plain_tiny_hot_set(monkeypatch, seed, window, filter_pass):
     """Tiny hot set, catch-up windows, filter chunks and compaction period: every branch runs often."""
     monkeypatch.setattr(lg, "HOT", 8)
     monkeypatch.setattr(lg, "_FILTER_ELEMS", 2048)
+    monkeypatch.setattr(lg, "_BOUND_PAIRS", 2048)
     monkeypatch.setattr(lg, "_COMPACT_EVERY", 2)
     monkeypatch.setattr(lg, "_FIRST_WINDOW", window)
     x = clustered(600, 6, 30, seed, spread=0.3) if seed % 2 else torch.randint(0, 4, (600, 5)).float()
@@ -145,6 +150,57 @@ def test_compiled_filter_pass_selects_the_same_pairs(case):
     low = approx.amin(dim=1)
     keep = (low < r + tol)[:, None] & (approx <= torch.minimum(r + tol, low + 2 * tol)[:, None])
     assert torch.equal(torch.stack([rows, cols]), torch.nonzero(keep).T)
+
+
+def _bound_banks():
+    """Centred banks with ties, duplicates, huge and tiny norms and an offset that costs digits."""
+    for seed, (n, d, kind) in enumerate([(300, 16, "normal"), (200, 8, "grid"), (240, 12, "duplicates"),
+                                         (300, 16, "huge"), (300, 16, "tiny"), (200, 10, "offset")]):
+        g = gen(seed)
+        x = {"grid": lambda: torch.randint(0, 3, (n, d), generator=g).float(),
+             "duplicates": lambda: torch.randn(n // 4, d, generator=g).repeat(4, 1),
+             "huge": lambda: 1e6 * torch.randn(n, d, generator=g),
+             "tiny": lambda: 1e-6 * torch.randn(n, d, generator=g),
+             "offset": lambda: 100 + 0.01 * torch.randn(n, d, generator=g)}.get(kind, lambda: torch.randn(n, d, generator=g))()
+        yield greedy_start(x, 1, "official", 10, seed)[0], seed
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_low_bound_never_exceeds_a_distance(case):
+    """_LowBound's product minus its margin is below every exact squared distance (float64), pick rows included."""
+    x, seed = list(_bound_banks())[case]
+    low = _LowBound(x, len(x), 3)
+    bound = (low.aug @ low.rows.T).double()
+    norms = x.double().norm(dim=1)
+    margin = low.kappa * (norms[:, None] + norms[None, :]) ** 2
+    exact = torch.cdist(x.double(), x.double()) ** 2
+    assert (bound - margin <= exact).all()
+    # and a bound worth computing: the 3 leading components hold at least their share of the spread
+    assert bound.sum() >= 0.99 * 3 / x.shape[1] * exact.sum()
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_pruned_pass_lowers_every_min_distance_it_must(case):
+    """lazy_greedy.cpp's pruned_pairs keeps, for every point, every pick that lowers its min-distance (by the plain
+    arithmetic) and the one that sets it: applying its pairs gives the plain loop's minimum, exactly; windows of
+    picks of every width around the 16-column blocks, and rows around the 4-row blocks."""
+    if fused_kernel() is None:
+        pytest.skip("no compiled kernel on this machine (no AVX2 or no C++ compiler): the torch ops run")
+    x, seed = list(_bound_banks())[case]
+    g = gen(seed)
+    xsq = (x * x).sum(dim=1)
+    picks = torch.randperm(len(x), generator=g)[:120].tolist()
+    state = _LazyGreedy(x, xsq, picks, torch.zeros(len(x)), len(picks), native=fused_kernel())
+    state.low = _LowBound(x, len(picks), 3)
+    state._add_pick_rows()
+    plain = torch.stack([distances_to(x, x.T.contiguous(), xsq, i) for i in picks], dim=1)  # (N, picks)
+    for n, first, end in [(1, 0, 1), (3, 5, 20), (4, 0, 16), (5, 3, 36), (9, 0, 120), (64, 7, 120)]:
+        ids = torch.randperm(len(x), generator=g)[:n]
+        best = plain[ids, first:end].amin(dim=1)
+        r = torch.where(torch.rand(n, generator=g) < 0.5, best * 1.5 + 1e-30, best * 0.9)  # some rows cannot drop
+        state.mindist[ids] = r
+        state._apply(ids, first, end)
+        assert torch.equal(state.mindist[ids], torch.minimum(r, best))
 
 
 def test_only_large_banks_wait_for_the_compiler(monkeypatch):
