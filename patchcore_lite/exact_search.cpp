@@ -212,9 +212,12 @@ std::vector<at::Tensor> catch_up_pairs(at::Tensor approx, at::Tensor r, double t
 std::vector<at::Tensor> pruned_pairs(at::Tensor low, at::Tensor low_t, at::Tensor rows, at::Tensor picks,
                                      at::Tensor ids, at::Tensor r, int64_t first, int64_t end, double bound_tol,
                                      double tol);  // lazy_greedy.cpp
+int64_t hot_picks(at::Tensor x, at::Tensor xsq, at::Tensor ids, at::Tensor mindist, at::Tensor seen, at::Tensor picks,
+                  int64_t count, double tau, int64_t compact_every, double picked);  // lazy_greedy.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("filter_knn1", &filter_knn1, "fused certified k=1 filter");
   m.def("catch_up_pairs", &catch_up_pairs, "the coreset's catch-up filter pass");
   m.def("pruned_pairs", &pruned_pairs, "the catch-up filter after a fused lower-bound pass");
+  m.def("hot_picks", &hot_picks, "the coreset's greedy picks from the hot set");
 }

@@ -203,6 +203,31 @@ def test_pruned_pass_lowers_every_min_distance_it_must(case):
         assert torch.equal(state.mindist[ids], torch.minimum(r, best))
 
 
+@pytest.mark.parametrize(("n", "m", "first"), [(1, 1, 0), (3, 15, 2), (4, 16, 0), (5, 17, 1), (9, 33, 0),
+                                             (40, 600, 5), (200, 40, 0)])
+def test_pruned_pairs_selects_what_the_full_filter_selects(n, m, first):
+    """Given bounds as the kernel's contract allows (bound <= full value + bound_tol - tol: a lower bound of the
+    exact distance, whose own error bound_tol covers), lazy_greedy.cpp's pruned_pairs returns exactly the full
+    filter's selection (_filter_pairs on the whole product), whatever it skips. Small integers make every dot
+    product exact, so both see the same values; many ties, bounds from 3 below the value to the contract's
+    limit above it; rows and columns around the 4 x 16 blocks, the 512-column tiles and the 96-row panels."""
+    if fused_kernel() is None:
+        pytest.skip("no compiled kernel on this machine (no AVX2 or no C++ compiler): the torch ops run")
+    g = gen(n * 1000 + m)
+    rows, picks = torch.randint(-2, 3, (n, 6), generator=g).float(), torch.randint(-2, 3, (first + m, 6), generator=g).float()
+    full = rows @ picks[first:].T
+    for tol in (0.0, 1.0):
+        bound_tol = tol + 3
+        low_t = torch.zeros(n, first + m)
+        low_t[:, first:] = full + torch.randint(-3, 4, (n, m), generator=g).float()  # up to bound_tol - tol above
+        r = full.amin(dim=1) + torch.randint(-2, 3, (n,), generator=g).float()  # rows that can and cannot drop
+        got = fused_kernel().pruned_pairs(torch.eye(n), low_t, rows, picks, torch.arange(n), r, first, first + m,
+                                          bound_tol, tol)
+        expected = _filter_pairs(full, r, tol)
+        key = lambda pairs: sorted(zip(*(t.tolist() for t in pairs)))  # noqa: E731
+        assert key(got) == key(expected)
+
+
 def test_only_large_banks_wait_for_the_compiler(monkeypatch):
     """Banks of NATIVE_MIN points or more ask for the compiled pass; a first small fit never builds it."""
     asked = []
