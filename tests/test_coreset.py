@@ -10,6 +10,7 @@ import torch
 from banks import clustered, gen
 
 from patchcore_lite.coreset import (
+    check_features,
     greedy_coreset,
     jl_dimension,
     random_coreset,
@@ -191,3 +192,15 @@ def test_bad_arguments():
         select_coreset(torch.empty(0, 3))
     with pytest.raises(ValueError, match="NaN"):
         select_coreset(torch.tensor([[0.0, float("nan")]] * 3), 0.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_single_non_finite_value_is_refused_anywhere(bad, dtype):
+    """check_features finds one NaN or infinity at any position (first, last, inside a SIMD block), any float type."""
+    for pos in [(0, 0), (299, 16), (150, 7), (31, 16)]:
+        x = torch.randn(300, 17, generator=gen(0)).to(dtype)
+        x[pos] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            check_features(x)
+    check_features(torch.randn(300, 17, generator=gen(0)).to(dtype))  # and finite values pass
