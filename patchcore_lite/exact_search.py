@@ -233,7 +233,8 @@ _KERNEL: dict[str, object] = {}  # "module": the loaded extension, or None where
 
 def fused_kernel() -> object | None:
     """The package's compiled kernels: the k = 1 filter (``exact_search.cpp``) and the coreset's catch-up
-    pass (``lazy_greedy.cpp``), built at first use and cached by torch (about a minute, once per checkout);
+    filter, lower-bound pass and hot-set loop (``lazy_greedy.cpp``), built at first use and cached by torch
+    (about a minute, once per checkout);
     None, with one warning line, where the CPU lacks AVX2 or no compiler works."""
     if "module" not in _KERNEL:
         _KERNEL["module"] = _build_kernel()
