@@ -1,27 +1,30 @@
-// Fused certified filter for k = 1 (derivation: exact_search.py; tau_of mirrors Filter.thresholds).
+// Fused certified filter for k = 1 (derivation: exact_search.py, "Fused path"; tau_of mirrors it).
 //
-// An AVX2 register-blocked product (4 queries x 16 bank vectors, fp32 FMA over the K filter
-// columns, the K-loop in order) gives h = |a_m|^2 - 2 a_q.a_m in registers; it is never stored.
-// One compare per 8 lanes against the query's tau keeps the pairs that may be the nearest; a lane
-// under the running minimum also updates the seed (its double-precision distance bounds T_q, which
-// tightens tau_q). Bank tiles of `tile` vectors stay in L2 while every query block passes over them.
-// Finally pairs above the final tau are dropped and each kept pair gets s = sum (q - m)^2 in double.
+// An AVX2 register-blocked product in 16-bit integers (4 queries x 16 bank vectors; vpmaddwd
+// multiplies two int16 columns and adds the pair in int32, vpaddd accumulates) gives the exact
+// h = |a^_m|^2 - 2 a^_q.a^_m in registers; it is never stored. On this CPU it does 1.3x the
+// multiply-adds per second of the fp32 FMA kernel it replaced, and integer sums need no rounding
+// bound. One compare per 8 lanes against the query's tau keeps the pairs that may be the nearest; a
+// lane under the running minimum also updates the seed (its double-precision distance bounds T_q,
+// which tightens tau_q). Bank tiles of `tile` vectors stay in L2 while every query block passes over
+// them. Finally pairs above the final tau are dropped and each kept pair gets s = sum (q - m)^2 in double.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
 namespace {
 
 const double U32 = std::ldexp(1.0, -24);
-const double TINY = std::ldexp(1.0, -126);
 const double HALF_SUB = std::ldexp(1.0, -150);
 const float INF = std::numeric_limits<float>::infinity();
 
 struct Consts {
-  double sigma, eta, g64;
+  double sigma, eta, g64, step;
 };
 
 float round_up_f32(double x) {
@@ -30,13 +33,13 @@ float round_up_f32(double x) {
   return f;
 }
 
-// tau_q for an upper bound t of the best ref: Filter.thresholds, term for term.
-float tau_of(double t, const double* pq, const Consts& c) {
-  double tt = (t + HALF_SUB) / (1 - U32);
-  double reach = c.sigma * std::sqrt(tt * (1 + c.eta)) + pq[0];
-  double tau = reach * reach + pq[1] - pq[2];
-  tau = tau + 1e-12 * (reach * reach + pq[2]) + TINY;
-  return round_up_f32(tau);
+// tau_q for an upper bound t of the best ref: the integer form of Filter.thresholds (exact_search.py,
+// "Fused path"). pq = (e_q + e_max + delta_q + delta_max, |a^_q|^2).
+int32_t tau_of(double t, const double* pq, const Consts& c) {
+  const double tt = (t + HALF_SUB) / (1 - U32);
+  const double reach = (c.sigma * std::sqrt(tt * (1 + c.eta)) + pq[0]) / c.step;
+  const double tau = std::floor(reach * reach * (1 + 1e-12) + 1) - pq[1];  // + 1e-12, + 1: this formula's rounding
+  return tau >= INT32_MAX - 1 ? INT32_MAX - 1 : (tau <= INT32_MIN + 1 ? INT32_MIN + 1 : static_cast<int32_t>(tau));
 }
 
 // sum (q_i - m_i)^2 in double (differences exact unless exponents are far apart; any order: the
@@ -72,37 +75,39 @@ double sq_dist(const float* q, const float* m, int64_t d) {
 
 struct Pair {
   int64_t q, m;
-  float h;
+  int32_t h;
   double s;  // sum (q - m)^2 in double, filled once the pair survives the final tau
 };
 
 struct Row {  // running state of one query
-  float best = INF, tau = INF;
+  int32_t best = INT32_MAX, tau = INT32_MAX - 1;
   double t = std::numeric_limits<double>::infinity();
   int64_t count = 0;
   bool heavy = false;
 };
 
 struct Problem {
-  const float *A, *Bp, *Bsq, *Q, *BK;
+  const int32_t *A, *Bsq;  // A: query rows as int16 pairs packed in int32; Bsq: |a^_m|^2
+  const int16_t* Bp;
+  const float *Q, *BK;
   const double* PQ;
-  int64_t n, kk, d, mlen, panels;
+  int64_t n, kp, d, mlen, panels;  // kp: column pairs
   Consts c;
   int64_t cap;
 };
 
 // lanes of h (16 bank vectors from column j0) for query i that passed h <= tau: push, maybe new seed
-void lanes(const Problem& P, const float* h, unsigned mask, int64_t i, int64_t j0, Row& row,
+void lanes(const Problem& P, const int32_t* h, unsigned mask, int64_t i, int64_t j0, Row& row,
            std::vector<Pair>& out) {
   while (mask) {
     const int l = __builtin_ctz(mask);
     mask &= mask - 1;
-    if (!(h[l] <= row.tau)) continue;  // tau may have shrunk at an earlier lane
+    if (h[l] > row.tau) continue;  // tau may have shrunk at an earlier lane
     const int64_t m = j0 + l;
     out.push_back({i, m, h[l], 0.0});
     if (++row.count > P.cap) {  // too many candidates: the caller re-filters this query
       row.heavy = true;
-      row.tau = -INF;
+      row.tau = INT32_MIN;
       return;
     }
     if (h[l] < row.best) {  // new filter minimum: its exact distance may tighten T_q
@@ -110,46 +115,52 @@ void lanes(const Problem& P, const float* h, unsigned mask, int64_t i, int64_t j
       const double t_up = round_up_f32(sq_dist(P.Q + i * P.d, P.BK + m * P.d, P.d) * (1 + 2 * P.c.g64));
       if (t_up < row.t) {
         row.t = t_up;
-        row.tau = tau_of(t_up, P.PQ + i * 3, P.c);
+        row.tau = tau_of(t_up, P.PQ + i * 2, P.c);
       }
     }
   }
 }
 
-// 4 query rows (i0..i0+3, padded rows have tau = -inf) against panels [p0, p1)
+// 4 query rows (i0..i0+3, padded rows have tau = INT32_MIN) against panels [p0, p1): h = |a^_m|^2 -
+// 2 a^_q.a^_m exactly, in int32 (vpmaddwd: two int16 products summed per lane; no partial sum can
+// overflow, see the module docstring)
 void block4(const Problem& P, int64_t i0, int64_t p0, int64_t p1, Row* rows, std::vector<Pair>& out) {
-  const int64_t kk = P.kk;
-  const float* a = P.A + i0 * kk;
-  const __m256 two = _mm256_set1_ps(2.f);
-  alignas(32) float h[16];
+  const int64_t kp = P.kp;
+  // the query's int16 pair as one 32-bit broadcast (a load, no shuffle)
+  const float* a = reinterpret_cast<const float*>(P.A + i0 * kp);
+  alignas(32) int32_t h[16];
   for (int64_t p = p0; p < p1; ++p) {
-    const float* b = P.Bp + p * kk * 16;
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
-    for (int64_t k = 0; k < kk; ++k) {
-      const __m256 b0 = _mm256_load_ps(b + k * 16), b1 = _mm256_load_ps(b + k * 16 + 8);
-      __m256 x = _mm256_broadcast_ss(a + k);
-      c00 = _mm256_fmadd_ps(x, b0, c00);
-      c01 = _mm256_fmadd_ps(x, b1, c01);
-      x = _mm256_broadcast_ss(a + kk + k);
-      c10 = _mm256_fmadd_ps(x, b0, c10);
-      c11 = _mm256_fmadd_ps(x, b1, c11);
-      x = _mm256_broadcast_ss(a + 2 * kk + k);
-      c20 = _mm256_fmadd_ps(x, b0, c20);
-      c21 = _mm256_fmadd_ps(x, b1, c21);
-      x = _mm256_broadcast_ss(a + 3 * kk + k);
-      c30 = _mm256_fmadd_ps(x, b0, c30);
-      c31 = _mm256_fmadd_ps(x, b1, c31);
+    const __m256i* b = reinterpret_cast<const __m256i*>(P.Bp + p * kp * 32);
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+            c31 = c00;
+    for (int64_t k = 0; k < kp; ++k) {
+      const __m256i b0 = _mm256_load_si256(b + 2 * k), b1 = _mm256_load_si256(b + 2 * k + 1);
+      __m256i x = _mm256_castps_si256(_mm256_broadcast_ss(a + k));
+      c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(x, b0));
+      c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(x, b1));
+      x = _mm256_castps_si256(_mm256_broadcast_ss(a + kp + k));
+      c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(x, b0));
+      c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(x, b1));
+      x = _mm256_castps_si256(_mm256_broadcast_ss(a + 2 * kp + k));
+      c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(x, b0));
+      c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(x, b1));
+      x = _mm256_castps_si256(_mm256_broadcast_ss(a + 3 * kp + k));
+      c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(x, b0));
+      c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(x, b1));
     }
-    const __m256 s0 = _mm256_load_ps(P.Bsq + p * 16), s1 = _mm256_load_ps(P.Bsq + p * 16 + 8);
-    const __m256 acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+    const __m256i* sq = reinterpret_cast<const __m256i*>(P.Bsq + p * 16);
+    const __m256i s0 = _mm256_load_si256(sq), s1 = _mm256_load_si256(sq + 1);
+    const __m256i acc[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
     for (int r = 0; r < 4; ++r) {
-      const __m256 h0 = _mm256_fnmadd_ps(two, acc[r][0], s0), h1 = _mm256_fnmadd_ps(two, acc[r][1], s1);
-      const __m256 t = _mm256_set1_ps(rows[r].tau);
-      const unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(h0, t, _CMP_LE_OQ)) |
-                            (_mm256_movemask_ps(_mm256_cmp_ps(h1, t, _CMP_LE_OQ)) << 8);
+      const __m256i h0 = _mm256_sub_epi32(s0, _mm256_slli_epi32(acc[r][0], 1));
+      const __m256i h1 = _mm256_sub_epi32(s1, _mm256_slli_epi32(acc[r][1], 1));
+      const __m256i t = _mm256_set1_epi32(rows[r].tau);
+      const unsigned above = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(h0, t))) |
+                             (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(h1, t))) << 8);
+      const unsigned mask = ~above & 0xFFFFu;
       if (mask) {
-        _mm256_store_ps(h, h0);
-        _mm256_store_ps(h + 8, h1);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(h), h0);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(h + 8), h1);
         lanes(P, h, mask, i0 + r, p * 16, rows[r], out);
       }
     }
@@ -158,19 +169,22 @@ void block4(const Problem& P, int64_t i0, int64_t p0, int64_t p1, Row* rows, std
 
 }  // namespace
 
-// aq (n4, K) with n4 a multiple of 4 (rows >= n are padding); bank_p (panels, K, 16); bank_sq (panels*16,)
-// (+inf in padding); q (n, D), bank (M, D); per_query (n, 3) float64: e_q + e_max, E_G(q), |a_q|^2.
-// Returns qi, mi, s (double squared distance) of the candidate pairs, t (n,) upper bounds of each
-// query's best ref, heavy (n,) bool: queries that passed `cap` candidates (their pairs are dropped).
+// aq (n4, kp) int32: each query's int16 filter row, two columns per int32, n4 a multiple of 4 (rows >= n
+// are padding); bank_p (panels, kp, 16, 2) int16; bank_sq (panels*16,) int32 |a^_m|^2 (INT32_MAX in
+// padding); q (n, D), bank (M, D) fp32; per_query (n, 2) float64: e_q + e_max + delta_q + delta_max,
+// |a^_q|^2. Returns qi, mi, s (double squared distance) of the candidate pairs, t (n,) upper bounds of
+// each query's best ref, heavy (n,) bool: queries that passed `cap` candidates (their pairs are dropped).
 std::vector<at::Tensor> filter_knn1(at::Tensor aq, at::Tensor bank_p, at::Tensor bank_sq, at::Tensor q,
                                     at::Tensor bank, at::Tensor per_query, double sigma, double eta, double g64,
-                                    int64_t tile, int64_t cap) {
-  Problem P{aq.data_ptr<float>(), bank_p.data_ptr<float>(), bank_sq.data_ptr<float>(), q.data_ptr<float>(),
+                                    double step, int64_t tile, int64_t cap) {
+  TORCH_CHECK(aq.scalar_type() == at::kInt && bank_p.scalar_type() == at::kShort && bank_sq.scalar_type() == at::kInt,
+              "filter_knn1: int32 queries, int16 panels, int32 norms");
+  Problem P{aq.data_ptr<int32_t>(), bank_sq.data_ptr<int32_t>(), bank_p.data_ptr<int16_t>(), q.data_ptr<float>(),
             bank.data_ptr<float>(), per_query.data_ptr<double>(), q.size(0), aq.size(1), q.size(1),
-            bank.size(0), bank_p.size(0), {sigma, eta, g64}, cap};
+            bank.size(0), bank_p.size(0), {sigma, eta, g64, step}, cap};
   const int64_t n4 = aq.size(0), blocks = n4 / 4, ptile = std::max<int64_t>(1, tile / 16);
   std::vector<Row> rows(n4);
-  for (int64_t i = P.n; i < n4; ++i) rows[i].tau = -INF;  // padding rows never match
+  for (int64_t i = P.n; i < n4; ++i) rows[i].tau = INT32_MIN;  // padding rows never match
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   std::vector<std::vector<Pair>> found(nth);
   for (auto& v : found) v.reserve(static_cast<size_t>(P.n / nth + 1) * 64);

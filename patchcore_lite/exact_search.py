@@ -76,14 +76,29 @@ TINY = 2^-126 covers underflow (and flush-to-zero) of any single fp32 operation.
    query) get ref exactly (``exact_sq``) and the k smallest (ref, index) are returned.
 
 Fused path (k = 1, AVX2 + a C++ compiler: ``exact_search.cpp``, built once by torch.utils.cpp_extension):
-the filter product is a register-blocked AVX2 kernel (4 queries x 16 bank vectors, fp32 FMA; the
-bound above holds for any order or FMA) whose h values never leave the registers; one compare per
+the filter product runs in 16-bit integers, exactly. With a power-of-two step s such that the bank's
+largest |a_m| / s is at most 2^13, a^(x) = round(a(x) / s) (an integer vector, int16) and
+delta(x) = |a(x) - s a^(x)| (exact in float64: a(x) / s and its distance to the grid are exact;
+only the final norm rounds, widened by 1e-12). The kernel computes h = |a^_m|^2 - 2 a^_q.a^_m in
+int32 (AVX2 vpmaddwd: two int16 products added per lane, then vpaddd), without any rounding: a query
+is sent to the kernel only if |a^_q| <= 2^14 (by |a_q| <= sigma sqrt(1 + eta) |q - mu|, so up to about
+twice the bank's largest spread; farther queries take the torch ops), and then every partial sum
+of the dot product is at most |a^_q| |a^_m| < 2^28 by Cauchy-Schwarz on the terms summed so far,
+|h| < 2^29: nothing overflows. By the triangle inequality
+    |a*(q) - a*(m)| <= s |a^_q - a^_m| + delta(q) + delta(m) + e(q) + e(m),
+so step 3's chain gives, with R'_q = R_q + delta(q) + delta_max (delta_max the bank's largest),
+    ref <= T_q  =>  |a^_q - a^_m|^2 = h + |a^_q|^2 <= (R'_q / s)^2
+                =>  h <= tau_q := floor((R'_q / s)^2 (1 + 1e-12) + 1) - |a^_q|^2
+(float64, widened for its own rounding; an integer comparison). No product rounding enters the
+bound at all, which is what lets a low-precision product stay exact here: int16 takes the place of
+the bf16 / int8 filters of stage 2 on CPUs without AVX512-BF16 or VNNI, at 1.3x the fp32 FMA rate
+(4 queries x 16 bank vectors per register block, h never leaves the registers); one compare per
 8 lanes against tau_q records candidates. T_q is not known in advance: the running argmin of h is
 the seed, its distance s in double gives T_q <= round_up_f32(s (1 + 2 g)) (an upper bound of its
 ref, no exact rounding needed), tau_q shrinks as seeds improve, and pairs recorded with an earlier,
 looser tau are dropped at the end. Kept pairs get s in double; stage 4 then works on s
 (|s - S| <= g S, g = gamma64(D + 2)) instead of an fp32 sum. Without the kernel (no compiler, no
-AVX2, k > 1, bf16) the same stages run as torch ops: exact, slower.
+AVX2, k > 1) the same stages run as torch ops, with the fp32 or bf16 product of stage 2: exact, slower.
 
 Queries with more than ``heavy_fraction`` of the bank as candidates (far from the bank: the
 PCA bound is weak there) are re-filtered with the full filter (same rule, r = D), so the cost
@@ -115,6 +130,7 @@ UBF16 = 2.0**-8
 TINY = 2.0**-126  # any fp32 operation that underflows (or is flushed to zero) errs by at most this
 HALF_SUB = 2.0**-150  # half the smallest fp32 subnormal: fl32 rounding's absolute error
 SAFE_SQ = 1e36  # fp32 squares of sums below this cannot overflow
+Q_NORM_BITS = 14  # the kernel's int16 filter rows have norms <= 2^14: no int32 sum can overflow
 
 
 def gamma(n: int, u: float = U32) -> float:
@@ -287,6 +303,10 @@ class Filter:
     bank_sq: Tensor = field(default=None)  # (M,) fp32 computed |a_m|^2
     a_max: float = 0.0
     e_max: float = 0.0
+    step: float = 1.0  # the kernel's int16 grid: a^ = round(a / step), power of two
+    bank_q: Tensor = field(default=None)  # (M, K rounded up to even) int16 a^_m
+    bank_qsq: Tensor = field(default=None)  # (M,) int32 |a^_m|^2
+    d_max: float = 0.0  # the bank's largest |a_m - step a^_m|
 
     @property
     def k_cols(self) -> int:
@@ -302,6 +322,26 @@ class Filter:
         a = (torch.cat(parts, 1) * self.sigma).float()
         e = c.norm(dim=1) * self.kappa
         return a, e, a.double().norm(dim=1)
+
+    def quantize(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The kernel's rows: a^ = round(a / step) int16 (n, K rounded up to even), |a^|^2 and
+        delta = |a - step a^| (float64; a / step and a / step - a^ are exact, the norm is widened for
+        its own rounding). Rows must fit (``fits``): |a^| <= 2^14."""
+        scaled = a.double() / self.step
+        q = torch.round(scaled)
+        delta = (scaled - q).norm(dim=1) * self.step * (1 + 1e-12)
+        nq = (q * q).sum(dim=1)  # exact: integers far below 2^53
+        if len(q) and float(nq.max()) > 2.0 ** (2 * Q_NORM_BITS):
+            raise AssertionError("a filter row outside the kernel's int16 range: fits() is broken")
+        out = torch.zeros(len(a), self.k_cols + self.k_cols % 2, dtype=torch.int16)
+        out[:, : self.k_cols] = q.to(torch.int16)
+        return out, nq, delta
+
+    def fits(self, spread: Tensor) -> Tensor:
+        """Which queries the kernel takes: |a^_q| <= 2^14, by |a_q| <= sigma sqrt(1 + eta) |q - mu| (1 + 1e-6)
+        (fp32 and float64 rounding included) and |a^_q| <= |a_q| / step + sqrt(K) / 2. ``spread``: |q - mu|."""
+        reach = spread * (self.sigma * math.sqrt(1 + self.eta) * (1 + 1e-6) / self.step)
+        return reach + math.sqrt(self.k_cols) / 2 <= 2.0**Q_NORM_BITS
 
     def products(self, a_q: Tensor) -> Tensor:
         """h = |a_m|^2 - 2 a_q . a_m, (n, M) fp32, by one matrix product."""
@@ -355,6 +395,10 @@ def build_filter(bank: Tensor, r: int | None, precision: str) -> Filter:
     f.bank_a, f.bank_sq = a.contiguous(), (a * a).sum(dim=1)
     f.bank_low = a.bfloat16().contiguous() if precision == "bf16" else None
     f.a_max, f.e_max = float(a_norm.max()), float(e.max())
+    # the bank on a grid of 2^13 steps per largest norm, queries up to 2^14 (module docstring, "Fused path")
+    f.step = 2.0 ** (math.ceil(math.log2(f.a_max)) - Q_NORM_BITS + 1) if f.a_max > 0 else 1.0
+    f.bank_q, nq, delta = f.quantize(a)
+    f.bank_qsq, f.d_max = nq.to(torch.int32), float(delta.max())
     return f
 
 
@@ -376,9 +420,10 @@ class SearchStats:
 class ExactKNN:
     """Exact k-NN (definition: module docstring) over a bank (M, D), fp32.
 
-    ``reduce_dim``: PCA coordinates in the filter (None: the plain full-space filter, i.e. a
-    certified fp32 GEMM). ``precision``: "fp32", "bf16" (only sensible with AVX512-BF16/AMX),
-    or "auto" (bf16 if the CPU has it *and* a timing probe finds it faster, else fp32).
+    ``reduce_dim``: PCA coordinates in the filter (None: the plain full-space filter). ``precision``:
+    the torch-ops filter's product (k > 1, or no kernel): "fp32", "bf16" (only sensible with
+    AVX512-BF16/AMX), or "auto" (bf16 if the CPU has it *and* a timing probe finds it faster, else
+    fp32). ``fused``: the int16 AVX2 kernel for k = 1 where it builds.
     """
 
     def __init__(self, bank: Tensor | np.ndarray, reduce_dim: int | None = 64, precision: str = "auto",
@@ -399,7 +444,7 @@ class ExactKNN:
         self.pair_block = pair_block
         self.bank_norm_max = float(self.bank.double().norm(dim=1).max())
         self.stats = SearchStats()
-        self.kernel = fused_kernel() if fused and self.precision == "fp32" else None
+        self.kernel = fused_kernel() if fused else None  # int16, whatever ``precision`` says
         self.tile, self.probe_limit = tile, probe_limit
         self.panels = {id(f): _panels(f) for f in (self.reduced, self.full) if f is not None and self.kernel}
 
@@ -414,11 +459,13 @@ class ExactKNN:
         return "bf16" if _bf16_faster(self.bank.shape[1] if not reduce_dim else reduce_dim + 1) else "fp32"
 
     def describe(self) -> str:
-        """Which path runs, e.g. "exact: certified PCA-64 fp32 filter, fused AVX2 kernel (k=1); cpu: avx2"."""
+        """Which path runs, e.g. "exact: certified PCA-64 filter + exact re-rank: int16 AVX2 kernel (k=1),
+        fp32 torch ops (k>1); cpu: avx2"."""
         feats = ", ".join(k for k, v in self.cpu.items() if v) or "none"
         space = f"PCA-{self.reduced.r}" if self.reduced else "full-space"
-        kern = "fused AVX2 kernel (k=1), torch ops (k>1)" if self.kernel else "torch ops (no kernel)"
-        return f"exact: certified {space} {self.precision} filter + exact re-rank, {kern}; cpu: {feats}"
+        ops = f"{self.precision} torch ops"
+        kern = f"int16 AVX2 kernel (k=1), {ops} (k>1)" if self.kernel else f"{ops} (no kernel)"
+        return f"exact: certified {space} filter + exact re-rank: {kern}; cpu: {feats}"
 
     # -- search
     @torch.no_grad()
@@ -440,14 +487,18 @@ class ExactKNN:
     def _search_chunk(self, c: Tensor, k: int) -> tuple[Tensor, Tensor]:
         wild = self._overflow_rows(c)
         if wild.any():  # filter vectors could overflow fp32: brute force by the definition (exact)
-            d, i = torch.empty(len(c), k), torch.empty(len(c), k, dtype=torch.long)
-            d[wild], i[wild] = reference_search(self.bank, c[wild], k, squared=True)
-            tame = ~wild
-            if tame.any():
-                d[tame], i[tame] = self._search_chunk(c[tame], k)
-            return d, i
+            return _by_rows(c, wild, lambda x: reference_search(self.bank, x, k, squared=True),
+                            lambda x: self._search_chunk(x, k))
         if k == 1 and self.kernel is not None:
-            return self._search_fused(c)
+            spread = (c.double() - self.full.mu).norm(dim=1)
+            fit = torch.stack([f.fits(spread) for f in (self.reduced, self.full) if f is not None]).all(dim=0)
+            if fit.all():
+                return self._search_fused(c)
+            return _by_rows(c, fit, self._search_fused, lambda x: self._search_ops(x, k))  # far out: torch ops
+        return self._search_ops(c, k)
+
+    def _search_ops(self, c: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The filter as torch ops (any k, any precision)."""
         n = len(c)
         first = self.reduced or self.full
         qi, mi, t_sq, counts = self._filter(first, c, k, None)
@@ -473,14 +524,19 @@ class ExactKNN:
 
     def _search_fused(self, c: Tensor) -> tuple[Tensor, Tensor]:
         """k = 1 through the compiled kernel: candidates with double-precision distances s."""
-        first = self.reduced or self.full
+        first, start, probe = self.reduced or self.full, 0, None
         if first is self.reduced and len(c) >= 256:  # probe: far queries make the PCA bound useless
-            probe = self._fused_filter(first, c[: len(c) // 32], self.heavy_limit)[4]
-            if probe.float().mean() > self.probe_limit:
-                first = self.full
+            start = len(c) // 32
+            probe = self._fused_filter(first, c[:start], self.heavy_limit)
+            if probe[4].float().mean() > self.probe_limit:
+                first, start, probe = self.full, 0, None
                 self.stats.heavy += len(c)
         cap = self.heavy_limit if first is self.reduced else len(self.bank)
-        qi, mi, s, t_sq, heavy, pushed = self._fused_filter(first, c, cap)
+        qi, mi, s, t_sq, heavy, pushed = self._fused_filter(first, c[start:], cap)
+        if probe is not None:  # the probe's rows are done: keep them
+            qi = torch.cat([probe[0], qi + start])
+            mi, s, t_sq, heavy = (torch.cat([a, b]) for a, b in zip(probe[1:5], (mi, s, t_sq, heavy)))
+            pushed = pushed + probe[5]
         self.stats.pushed += int(pushed)
         if heavy.any():
             rows = torch.nonzero(heavy).view(-1)
@@ -501,14 +557,14 @@ class ExactKNN:
         return _select_topk(qi, mi, exact_sq(c[qi], self.bank[mi]), len(c), 1)
 
     def _fused_filter(self, f: Filter, c: Tensor, cap: int) -> tuple[Tensor, ...]:
-        a_q, e_q, a_norm = f.project(c)
-        per_query = torch.stack([e_q + f.e_max, f.error(a_norm), a_norm**2], 1).contiguous()
-        g = gamma(c.shape[1] + 2, U64)
-        a_pad = torch.zeros((len(c) + 3) // 4 * 4, a_q.shape[1])
-        a_pad[: len(c)] = a_q
+        a_q, e_q, _ = f.project(c)
+        q, nq, delta = f.quantize(a_q)
+        per_query = torch.stack([e_q + f.e_max + delta + f.d_max, nq], 1).contiguous()
+        q_pad = torch.zeros((len(c) + 3) // 4 * 4, q.shape[1], dtype=torch.int16)
+        q_pad[: len(c)] = q
         bank_p, bank_sq = self.panels[id(f)]
-        return self.kernel.filter_knn1(a_pad, bank_p, bank_sq, c, self.bank, per_query, f.sigma, f.eta, g,
-                                       self.tile, cap)
+        return self.kernel.filter_knn1(q_pad.view(torch.int32), bank_p, bank_sq, c, self.bank, per_query, f.sigma,
+                                       f.eta, gamma(c.shape[1] + 2, U64), f.step, self.tile, cap)
 
     def _filter(self, f: Filter, c: Tensor, k: int, t_sq: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Candidate pairs (qi, mi), the bound T_q (fp32) and candidates per query."""
@@ -553,14 +609,25 @@ class ExactKNN:
 
 
 def _panels(f: Filter) -> tuple[Tensor, Tensor]:
-    """Bank filter rows packed for the kernel: (P, K, 16) panels and |a_m|^2 padded with +inf."""
-    m, kk = f.bank_a.shape
+    """The bank's int16 rows packed for the kernel: (P, K/2, 16, 2) panels (16 vectors, a column pair
+    each) and |a^_m|^2 (int32, the largest int32 in the padding: it never passes)."""
+    m, kk = f.bank_q.shape
     p = (m + 15) // 16
-    a = torch.zeros(p * 16, kk)
-    a[:m] = f.bank_a
-    sq = torch.full((p * 16,), math.inf)
-    sq[:m] = f.bank_sq
-    return a.view(p, 16, kk).transpose(1, 2).contiguous(), sq
+    a = torch.zeros(p * 16, kk, dtype=torch.int16)
+    a[:m] = f.bank_q
+    sq = torch.full((p * 16,), torch.iinfo(torch.int32).max, dtype=torch.int32)
+    sq[:m] = f.bank_qsq
+    return a.view(p, 16, kk // 2, 2).permute(0, 2, 1, 3).contiguous(), sq
+
+
+def _by_rows(c: Tensor, mask: Tensor, when: object, otherwise: object) -> tuple[Tensor, Tensor]:
+    """Search the rows of c where mask holds with ``when``, the others with ``otherwise``; rows in order."""
+    parts = [(rows, fn(c[rows])) for rows, fn in ((mask, when), (~mask, otherwise)) if rows.any()]
+    k = parts[0][1][0].shape[1]
+    d, i = torch.empty(len(c), k), torch.empty(len(c), k, dtype=torch.long)
+    for rows, (dist, idx) in parts:
+        d[rows], i[rows] = dist, idx
+    return d, i
 
 
 def _bf16_faster(kcols: int, n: int = 256, m: int = 8192) -> bool:

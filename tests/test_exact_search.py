@@ -1,5 +1,5 @@
 """Try to break the exact search (exact_search.py): every case must equal the brute-force definition
-bit for bit, on every path (fused AVX2 kernel, torch ops, PCA and full-space filters, bf16)."""
+bit for bit, on every path (int16 AVX2 kernel, torch ops, PCA and full-space filters, bf16)."""
 
 from fractions import Fraction
 
@@ -150,6 +150,58 @@ def test_heavy_path_forced():
     check(bank, torch.randn(50, 30, generator=g), 3, variants=[(8, "fp32", False)], heavy_fraction=1e-9)
 
 
+def test_int16_rows_are_exact_and_within_range():
+    """The kernel's rows: a = step a^ + residual, |residual| <= delta, |a^| <= 2^14 for every row fits() admits."""
+    g = gen(16)
+    bank = torch.randn(400, 24, generator=g) * torch.rand(400, 1, generator=g) * 3
+    index = ExactKNN(bank, 8)
+    for f in (index.reduced, index.full):
+        assert f.step == 2.0 ** round(np.log2(f.step)) and f.a_max / f.step <= 2**13
+        queries = torch.randn(300, 24, generator=g) * torch.linspace(0, 30, 300)[:, None]  # up to 10x the bank
+        fit = f.fits((queries.double() - f.mu).norm(dim=1))
+        assert fit[:50].all() and not fit[-50:].all()  # the limit lies inside this range
+        a, _, _ = f.project(queries[fit])
+        q, nq, delta = f.quantize(a)
+        resid = a.double() - f.step * q[:, : f.k_cols].double()
+        assert torch.all(resid.norm(dim=1) <= delta) and torch.all(delta <= f.step * np.sqrt(f.k_cols) / 2 * 1.001)
+        assert nq.max() <= 2**28 and torch.equal(nq, (q.double() ** 2).sum(dim=1))
+        assert torch.equal(f.bank_qsq.long(), (f.bank_q.long() ** 2).sum(dim=1))
+
+
+def test_kernel_integer_sums_at_the_range_limit():
+    """Queries out along the bank's longest vector, up to the int16 limit: the largest dot products the
+    kernel can meet (an int32 overflow would lose the nearest, that very vector); beyond the limit the
+    torch ops take over, in the same call."""
+    g = gen(17)
+    bank = torch.randn(600, 32, generator=g)
+    far = int((bank - bank.double().mean(0).float()).norm(dim=1).argmax())
+    index = ExactKNN(bank, 8)
+    mu = index.full.mu.float()
+    queries = mu + (bank[far] - mu) * torch.linspace(1.0, 3.0, 81)[:, None]
+    fit = torch.stack([f.fits((queries.double() - f.mu).norm(dim=1)) for f in (index.reduced, index.full)]).all(0)
+    assert fit[:20].all() and not fit.all()  # both routes in one search
+    d, i = index.search(queries)
+    assert torch.all(i[:, 0] == far)
+    check(bank, queries, 1, variants=[(8, "fp32", True), (None, "fp32", True)])
+
+
+def test_kernel_probe_rows_are_kept_or_redone():
+    """From 256 queries the kernel first filters 1/32 of them as a probe: kept when the PCA bound works
+    (near queries), redone in full space when most probe rows are heavy (far queries)."""
+    g = gen(18)
+    bank = torch.randn(3000, 6, generator=g) @ torch.randn(6, 40, generator=g)  # near a 6-d subspace:
+    bank += 0.5 * torch.randn(3000, 40, generator=g)  # the PCA-8 bound works there, not far out
+    near = bank[torch.randperm(3000, generator=g)[:320]] + 0.05 * torch.randn(320, 40, generator=g)
+    index = ExactKNN(bank, 8)
+    index.search(near)
+    assert index.stats.heavy < 320
+    far = torch.randn(320, 40, generator=g) * 8
+    index.search(far)
+    assert index.stats.heavy == 320  # the whole chunk went to the full-space filter
+    for queries in (near, far, torch.cat([near[:200], far[:100]])):
+        check(bank, queries, 1, variants=[(8, "fp32", True)])
+
+
 def test_queries_beyond_fp32_squares():
     """|q| near 1e30: the filter could overflow, so those rows take the brute-force route; still exact."""
     g = gen(11)
@@ -238,8 +290,8 @@ def test_fallback_warns_once_and_stays_exact(monkeypatch, cause):
 def test_describe_names_the_path_that_runs():
     index = NearestNeighbors(torch.randn(200, 100, generator=gen(14)), "exact")
     kernel = exact_search.fused_kernel() is not None
-    assert index.describe().startswith("exact: certified PCA-64 fp32 filter")
-    assert ("fused AVX2 kernel" in index.describe()) == kernel
+    assert index.describe().startswith("exact: certified PCA-64 filter + exact re-rank: ")
+    assert ("int16 AVX2 kernel (k=1), fp32 torch ops (k>1)" in index.describe()) == kernel
     assert NearestNeighbors(torch.randn(20, 4), "faiss").describe() == "faiss IndexFlatL2 (exact)"
 
 
