@@ -100,6 +100,17 @@ looser tau are dropped at the end. Kept pairs get s in double; stage 4 then work
 (|s - S| <= g S, g = gamma64(D + 2)) instead of an fp32 sum. Without the kernel (no compiler, no
 AVX2, k > 1) the same stages run as torch ops, with the fp32 or bf16 product of stage 2: exact, slower.
 
+Coarse stage (``coarse_dim`` r1 = 24 of the PCA filter's r = 64): a1(x) = sigma [y_1..y_r1, |y_{>r1}|]
+is the same filter with r1 components, so step 3's chain holds for it with its own delta and
+|a^|^2 (tau1_q); the kernel rows hold a^_1..a^_r1, then a1's residual, then a^_r1+1..a^_K, and a
+4 x 16 block computes the r1 + 1 coarse columns first. If no pair of the block passes tau1 (no
+bank vector there can be any of the 4 queries' nearest, given T_q) the other columns are skipped.
+That only pays if a panel of 16 holds near vectors: the bank is scanned in the order of a k-d tree
+on the 8 leading coordinates (``_panel_tree``, leaves = panels; about 2/3 of the blocks are then
+skipped on the MTD bank), and each query first takes a seed T_q from its home panel (the tree's leaf
+for it), so tau is tight from the start. Order, stages and seeds change which pairs are looked at,
+never the answer: every pair that can satisfy ref <= T_q passes both tests.
+
 Queries with more than ``heavy_fraction`` of the bank as candidates (far from the bank: the
 PCA bound is weak there) are re-filtered with the full filter (same rule, r = D), so the cost
 never exceeds about one fp32 GEMM plus the reduced one; the fused path first probes 1/32 of a chunk
@@ -130,6 +141,7 @@ UBF16 = 2.0**-8
 TINY = 2.0**-126  # any fp32 operation that underflows (or is flushed to zero) errs by at most this
 HALF_SUB = 2.0**-150  # half the smallest fp32 subnormal: fl32 rounding's absolute error
 SAFE_SQ = 1e36  # fp32 squares of sums below this cannot overflow
+TREE_DIMS = 8  # the panel order splits along this many leading filter coordinates
 Q_NORM_BITS = 14  # the kernel's int16 filter rows have norms <= 2^14: no int32 sum can overflow
 
 
@@ -303,39 +315,54 @@ class Filter:
     bank_sq: Tensor = field(default=None)  # (M,) fp32 computed |a_m|^2
     a_max: float = 0.0
     e_max: float = 0.0
+    r1: int = 0  # the kernel's coarse stage: the r1 leading coordinates and their residual (0: none)
     step: float = 1.0  # the kernel's int16 grid: a^ = round(a / step), power of two
-    bank_q: Tensor = field(default=None)  # (M, K rounded up to even) int16 a^_m
-    bank_qsq: Tensor = field(default=None)  # (M,) int32 |a^_m|^2
-    d_max: float = 0.0  # the bank's largest |a_m - step a^_m|
+    bank_q: Tensor = field(default=None)  # (M, 2 kp) int16 kernel rows (``quantize``)
+    bank_qsq: Tensor = field(default=None)  # (M, 2) int32 |a^_m|^2, full and coarse stage
+    d_max: Tensor = field(default=None)  # (2,) float64 the bank's largest delta, full and coarse stage
 
     @property
     def k_cols(self) -> int:
         return self.r + (self.r < len(self.mu))
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """a(x) fp32 (n, K), e(x) (n,) and |a(x)| (n,) float64."""
+    @property
+    def kp1(self) -> int:
+        """The kernel's coarse stage in int16 column pairs (0: none)."""
+        return self.r1 // 2 + 1 if self.r1 else 0
+
+    def project(self, x: Tensor, coarse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """a(x) fp32 (n, K), e(x) (n,) and |a(x)| (n,) float64. ``coarse``: a K+1-th column, the coarse
+        stage's residual sigma |y_{>r1}| (its bound: the same e(x))."""
         c = x.double() - self.mu
         y = c if self.basis is None else c @ self.basis
         parts = [y[:, : self.r]]
         if self.r < y.shape[1]:
             parts.append(y[:, self.r :].norm(dim=1, keepdim=True))
+        if coarse and self.r1:
+            parts.append(y[:, self.r1 :].norm(dim=1, keepdim=True))
         a = (torch.cat(parts, 1) * self.sigma).float()
         e = c.norm(dim=1) * self.kappa
-        return a, e, a.double().norm(dim=1)
+        return a, e, a[:, : self.k_cols].double().norm(dim=1)
 
     def quantize(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The kernel's rows: a^ = round(a / step) int16 (n, K rounded up to even), |a^|^2 and
-        delta = |a - step a^| (float64; a / step and a / step - a^ are exact, the norm is widened for
-        its own rounding). Rows must fit (``fits``): |a^| <= 2^14."""
+        """The kernel's rows of a = ``project(x, coarse=True)``: a^ = round(a / step) as int16 column pairs,
+        [a^_1 .. a^_r1, the coarse residual's a^, 0, a^_r1+1 .. a^_K] (without a coarse stage a^_1 .. a^_K),
+        zero-padded to 2 kp columns; per stage (full, coarse) |a^|^2 and delta = |a - step a^|, (n, 2)
+        float64 (a / step and a / step - a^ are exact; the norm is widened for its own rounding). Rows
+        must fit (``fits``): |a^| <= 2^14."""
+        kk, r1 = self.k_cols, self.r1
         scaled = a.double() / self.step
         q = torch.round(scaled)
-        delta = (scaled - q).norm(dim=1) * self.step * (1 + 1e-12)
-        nq = (q * q).sum(dim=1)  # exact: integers far below 2^53
+        err, sq = (scaled - q) ** 2, q * q  # sq: exact, integers far below 2^53
+        coarse = list(range(r1)) + [kk] if r1 else list(range(kk))
+        delta = torch.stack([err[:, :kk].sum(1), err[:, coarse].sum(1)], 1).sqrt() * self.step * (1 + 1e-12)
+        nq = torch.stack([sq[:, :kk].sum(1), sq[:, coarse].sum(1)], 1)
         if len(q) and float(nq.max()) > 2.0 ** (2 * Q_NORM_BITS):
             raise AssertionError("a filter row outside the kernel's int16 range: fits() is broken")
-        out = torch.zeros(len(a), self.k_cols + self.k_cols % 2, dtype=torch.int16)
-        out[:, : self.k_cols] = q.to(torch.int16)
-        return out, nq, delta
+        zero = torch.zeros(len(q), 1, dtype=q.dtype)
+        parts = [q[:, :r1], q[:, kk:], zero, q[:, r1:kk]] if r1 else [q]
+        rows = torch.cat(parts + [zero] * (sum(p.shape[1] for p in parts) % 2), 1)
+        return rows.to(torch.int16), nq, delta
 
     def fits(self, spread: Tensor) -> Tensor:
         """Which queries the kernel takes: |a^_q| <= 2^14, by |a_q| <= sigma sqrt(1 + eta) |q - mu| (1 + 1e-6)
@@ -372,8 +399,9 @@ def _round_up_f32(x: Tensor) -> Tensor:
     return torch.where(low, torch.nextafter(f, torch.tensor(math.inf)), f)
 
 
-def build_filter(bank: Tensor, r: int | None, precision: str) -> Filter:
-    """PCA filter with r leading components and one residual norm (r None or >= D: full space)."""
+def build_filter(bank: Tensor, r: int | None, precision: str, r1: int = 0) -> Filter:
+    """PCA filter with r leading components and one residual norm (r None or >= D: full space); r1 > 0
+    (even, < r): the kernel's coarse stage."""
     b64 = bank.double()
     mu = b64.mean(dim=0)
     d = bank.shape[1]
@@ -386,19 +414,20 @@ def build_filter(bank: Tensor, r: int | None, precision: str) -> Filter:
         dev = basis.T @ basis - torch.eye(d, dtype=torch.float64)
         eta = float(dev.norm()) * (1 + 1e-6) + 4 * d * d * U64  # Frobenius >= spectral, + its own rounding
     kappa64 = 4 * (d + 2) * math.sqrt(d) * U64
-    f = Filter(mu, basis, r, eta, 1.0, precision)
+    f = Filter(mu, basis, r, eta, 1.0, precision, r1=r1 if 0 < r1 < r else 0)
     a, _, a_norm = f.project(bank)  # sigma = 1 pass to pick the scale
     spread = float(a_norm.max())  # 0 for a one-vector (or all-equal) bank
     f.sigma = 2.0 ** -min(100, max(-100, math.ceil(math.log2(spread)))) if spread > 0 else 1.0
     f.kappa = 1.01 * f.sigma * (1 + eta) * (U32 + kappa64)
-    a, e, a_norm = f.project(bank)
+    a_ext, e, a_norm = f.project(bank, coarse=True)
+    a = a_ext[:, : f.k_cols]
     f.bank_a, f.bank_sq = a.contiguous(), (a * a).sum(dim=1)
     f.bank_low = a.bfloat16().contiguous() if precision == "bf16" else None
     f.a_max, f.e_max = float(a_norm.max()), float(e.max())
     # the bank on a grid of 2^13 steps per largest norm, queries up to 2^14 (module docstring, "Fused path")
     f.step = 2.0 ** (math.ceil(math.log2(f.a_max)) - Q_NORM_BITS + 1) if f.a_max > 0 else 1.0
-    f.bank_q, nq, delta = f.quantize(a)
-    f.bank_qsq, f.d_max = nq.to(torch.int32), float(delta.max())
+    f.bank_q, nq, delta = f.quantize(a_ext)
+    f.bank_qsq, f.d_max = nq.to(torch.int32), delta.amax(dim=0)
     return f
 
 
@@ -423,12 +452,13 @@ class ExactKNN:
     ``reduce_dim``: PCA coordinates in the filter (None: the plain full-space filter). ``precision``:
     the torch-ops filter's product (k > 1, or no kernel): "fp32", "bf16" (only sensible with
     AVX512-BF16/AMX), or "auto" (bf16 if the CPU has it *and* a timing probe finds it faster, else
-    fp32). ``fused``: the int16 AVX2 kernel for k = 1 where it builds.
+    fp32). ``fused``: the int16 AVX2 kernel for k = 1 where it builds; ``coarse_dim``: its coarse stage
+    (module docstring; ignored unless below ``reduce_dim``).
     """
 
     def __init__(self, bank: Tensor | np.ndarray, reduce_dim: int | None = 64, precision: str = "auto",
                  heavy_fraction: float = 1 / 16, chunk_elems: int = 1 << 23, pair_block: int = 16384,
-                 fused: bool = True, tile: int = 512, probe_limit: float = 0.5):
+                 fused: bool = True, tile: int = 512, probe_limit: float = 0.5, coarse_dim: int = 24):
         self.bank = _as_f32(bank)
         if len(self.bank) == 0:
             raise ValueError("empty bank")
@@ -437,7 +467,7 @@ class ExactKNN:
         self.cpu = cpu_support()
         self.precision = self._choose(precision, reduce_dim)
         small = not reduce_dim or reduce_dim >= self.bank.shape[1]  # then the full-space filter alone
-        self.reduced = None if small else build_filter(self.bank, reduce_dim, self.precision)
+        self.reduced = None if small else build_filter(self.bank, reduce_dim, self.precision, coarse_dim // 2 * 2)
         self.full = build_filter(self.bank, None, self.precision)
         self.heavy_limit = max(1, int(heavy_fraction * len(self.bank)))
         self.chunk = max(1, chunk_elems // len(self.bank))
@@ -446,7 +476,9 @@ class ExactKNN:
         self.stats = SearchStats()
         self.kernel = fused_kernel() if fused else None  # int16, whatever ``precision`` says
         self.tile, self.probe_limit = tile, probe_limit
-        self.panels = {id(f): _panels(f) for f in (self.reduced, self.full) if f is not None and self.kernel}
+        if self.kernel:  # one panel order for both filters, from the first filter's coordinates
+            order, self.tree = _panel_tree((self.reduced or self.full).bank_a)
+            self.panels = {id(f): _panels(f, order) for f in (self.reduced, self.full) if f is not None}
 
     # -- path choice
     def _choose(self, precision: str, reduce_dim: int | None) -> str:
@@ -557,14 +589,18 @@ class ExactKNN:
         return _select_topk(qi, mi, exact_sq(c[qi], self.bank[mi]), len(c), 1)
 
     def _fused_filter(self, f: Filter, c: Tensor, cap: int) -> tuple[Tensor, ...]:
-        a_q, e_q, _ = f.project(c)
+        a_q, e_q, _ = f.project(c, coarse=True)
         q, nq, delta = f.quantize(a_q)
-        per_query = torch.stack([e_q + f.e_max + delta + f.d_max, nq], 1).contiguous()
+        extra = e_q[:, None] + f.e_max + delta + f.d_max  # the reach's terms beyond sigma sqrt(T'(1 + eta))
+        per_query = torch.stack([extra[:, 0], nq[:, 0], extra[:, 1], nq[:, 1]], 1).contiguous()
         q_pad = torch.zeros((len(c) + 3) // 4 * 4, q.shape[1], dtype=torch.int16)
         q_pad[: len(c)] = q
-        bank_p, bank_sq = self.panels[id(f)]
-        return self.kernel.filter_knn1(q_pad.view(torch.int32), bank_p, bank_sq, c, self.bank, per_query, f.sigma,
-                                       f.eta, gamma(c.shape[1] + 2, U64), f.step, self.tile, cap)
+        bank_p, bank_sq, perm = self.panels[id(f)]
+        tree_f = self.reduced or self.full  # the panel tree's coordinates
+        lead = (a_q if f is tree_f else tree_f.project(c)[0])[:, :TREE_DIMS].contiguous()
+        return self.kernel.filter_knn1(q_pad.view(torch.int32), bank_p, bank_sq[:, 0].contiguous(),
+                                       bank_sq[:, 1].contiguous(), perm, self.tree, lead, f.kp1, c, self.bank, per_query,
+                                       f.sigma, f.eta, gamma(c.shape[1] + 2, U64), f.step, self.tile, cap)
 
     def _filter(self, f: Filter, c: Tensor, k: int, t_sq: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Candidate pairs (qi, mi), the bound T_q (fp32) and candidates per query."""
@@ -608,16 +644,43 @@ class ExactKNN:
         return lo, hi
 
 
-def _panels(f: Filter) -> tuple[Tensor, Tensor]:
-    """The bank's int16 rows packed for the kernel: (P, K/2, 16, 2) panels (16 vectors, a column pair
-    each) and |a^_m|^2 (int32, the largest int32 in the padding: it never passes)."""
+def _panel_tree(a: Tensor, leaf: int = 16, dims: int = TREE_DIMS) -> tuple[Tensor, Tensor]:
+    """A bank order in which each panel of 16 holds near vectors (so the coarse stage rules out whole
+    panels): median splits along the ``dims`` leading filter coordinates in turn, a k-d tree whose
+    leaves are the panels. Returns the order and the tree (per split: coordinate, value, left and right
+    child; a child < 0 is panel -child - 1): the kernel walks it down to a panel near each query and
+    scans that one first, for a seed. Deterministic (stable sorts)."""
+    order, nodes = [], []
+
+    def split(ids: Tensor, depth: int) -> int:
+        if len(ids) <= leaf:
+            order.append(ids)
+            return -len(order)
+        dim = depth % min(dims, a.shape[1])
+        ids = ids[torch.sort(a[ids, dim], stable=True).indices]
+        half = max(leaf, len(ids) // 2 // leaf * leaf)
+        node = len(nodes)
+        nodes.append([dim, float(a[ids[half], dim]), 0, 0])
+        nodes[node][2:] = split(ids[:half], depth + 1), split(ids[half:], depth + 1)
+        return node
+
+    split(torch.arange(len(a)), 0)
+    return torch.cat(order), torch.tensor(nodes, dtype=torch.float64).view(-1, 4)
+
+
+def _panels(f: Filter, order: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The bank's int16 rows, in ``order``, packed for the kernel: (P, kp, 16, 2) panels (16 vectors, a
+    column pair each), |a^_m|^2 (P * 16, 2) int32 (full and coarse stage; the largest int32 in the padding:
+    it never passes) and the bank index of each panel position (padding: 0, never read)."""
     m, kk = f.bank_q.shape
     p = (m + 15) // 16
     a = torch.zeros(p * 16, kk, dtype=torch.int16)
-    a[:m] = f.bank_q
-    sq = torch.full((p * 16,), torch.iinfo(torch.int32).max, dtype=torch.int32)
-    sq[:m] = f.bank_qsq
-    return a.view(p, 16, kk // 2, 2).permute(0, 2, 1, 3).contiguous(), sq
+    a[:m] = f.bank_q[order]
+    sq = torch.full((p * 16, 2), torch.iinfo(torch.int32).max, dtype=torch.int32)
+    sq[:m] = f.bank_qsq[order]
+    perm = torch.zeros(p * 16, dtype=torch.long)
+    perm[:m] = order
+    return a.view(p, 16, kk // 2, 2).permute(0, 2, 1, 3).contiguous(), sq, perm
 
 
 def _by_rows(c: Tensor, mask: Tensor, when: object, otherwise: object) -> tuple[Tensor, Tensor]:

@@ -12,8 +12,8 @@ from patchcore_lite.datasets import list_images
 from patchcore_lite.exact_search import ExactKNN, _round_to_f32, exact_sq, reference_search
 from patchcore_lite.knn import NearestNeighbors
 
-VARIANTS = [  # (reduce_dim, precision, fused); fused falls back to torch ops where the kernel cannot run
-    (None, "fp32", True), (None, "fp32", False), (4, "fp32", True), (4, "fp32", False),
+VARIANTS = [  # (reduce_dim, precision, fused[, coarse_dim]); fused falls back to torch ops where the kernel cannot run
+    (None, "fp32", True), (None, "fp32", False), (4, "fp32", True), (4, "fp32", True, 2), (4, "fp32", False),
     (4, "bf16", False), (None, "bf16", False),
 ]
 
@@ -21,12 +21,12 @@ VARIANTS = [  # (reduce_dim, precision, fused); fused falls back to torch ops wh
 def check(bank: torch.Tensor, queries: torch.Tensor, k: int, variants=VARIANTS, **kw) -> None:
     ref_d, ref_i = reference_search(bank, queries, k)
     assert torch.all(ref_d[:, 1:] >= ref_d[:, :-1])
-    for red, prec, fused in variants:
-        index = ExactKNN(bank, red, prec, fused=fused, **kw)
+    for red, prec, fused, *coarse in variants:
+        index = ExactKNN(bank, red, prec, fused=fused, **kw, **dict(zip(["coarse_dim"], coarse)))
         d, i = index.search(queries, k)
         assert d.dtype == torch.float32 and i.dtype == torch.int64 and d.shape == (len(queries), k)
-        assert torch.equal(i, ref_i), (red, prec, fused, index.describe())
-        assert torch.equal(d, ref_d), (red, prec, fused, index.describe())
+        assert torch.equal(i, ref_i), (red, prec, fused, coarse, index.describe())
+        assert torch.equal(d, ref_d), (red, prec, fused, coarse, index.describe())
 
 
 def gen(seed: int) -> torch.Generator:
@@ -145,27 +145,36 @@ def test_heavy_path_forced():
     """A tiny heavy_fraction sends every query through the second (full-space) filter."""
     g = gen(9)
     bank = torch.randn(500, 30, generator=g)
-    check(bank, torch.randn(50, 30, generator=g), 1, variants=[(8, "fp32", True), (8, "fp32", False)],
-          heavy_fraction=1e-9)
+    check(bank, torch.randn(50, 30, generator=g), 1,
+          variants=[(8, "fp32", True), (8, "fp32", True, 4), (8, "fp32", False)], heavy_fraction=1e-9)
     check(bank, torch.randn(50, 30, generator=g), 3, variants=[(8, "fp32", False)], heavy_fraction=1e-9)
 
 
 def test_int16_rows_are_exact_and_within_range():
-    """The kernel's rows: a = step a^ + residual, |residual| <= delta, |a^| <= 2^14 for every row fits() admits."""
+    """The kernel's rows, per stage (full, coarse): a = step a^ + residual, |residual| <= delta, |a^|^2 as
+    stated and <= 2^28 for every row fits() admits; the layout's padding is zero."""
     g = gen(16)
     bank = torch.randn(400, 24, generator=g) * torch.rand(400, 1, generator=g) * 3
-    index = ExactKNN(bank, 8)
+    index = ExactKNN(bank, 8, coarse_dim=4)
+    assert (index.reduced.r1, index.full.r1) == (4, 0)
     for f in (index.reduced, index.full):
         assert f.step == 2.0 ** round(np.log2(f.step)) and f.a_max / f.step <= 2**13
         queries = torch.randn(300, 24, generator=g) * torch.linspace(0, 30, 300)[:, None]  # up to 10x the bank
         fit = f.fits((queries.double() - f.mu).norm(dim=1))
         assert fit[:50].all() and not fit[-50:].all()  # the limit lies inside this range
-        a, _, _ = f.project(queries[fit])
-        q, nq, delta = f.quantize(a)
-        resid = a.double() - f.step * q[:, : f.k_cols].double()
-        assert torch.all(resid.norm(dim=1) <= delta) and torch.all(delta <= f.step * np.sqrt(f.k_cols) / 2 * 1.001)
-        assert nq.max() <= 2**28 and torch.equal(nq, (q.double() ** 2).sum(dim=1))
-        assert torch.equal(f.bank_qsq.long(), (f.bank_q.long() ** 2).sum(dim=1))
+        a, _, _ = f.project(queries[fit], coarse=True)
+        rows, nq, delta = f.quantize(a)
+        kk, r1 = f.k_cols, f.r1
+        layout = list(range(r1)) + [kk, None] + list(range(r1, kk)) if r1 else list(range(kk))  # column of a
+        assert rows.shape[1] == 2 * ((len(layout) + 1) // 2)
+        assert not rows[:, [i for i in range(rows.shape[1]) if i >= len(layout) or layout[i] is None]].any()
+        stages = (list(range(kk)), list(range(r1)) + [kk] if r1 else list(range(kk)))
+        for stage, cols in enumerate(stages):
+            grid = rows[:, [layout.index(col) for col in cols]].double()
+            resid = a.double()[:, cols] - f.step * grid
+            assert torch.all(resid.norm(dim=1) <= delta[:, stage])
+            assert torch.all(delta[:, stage] <= f.step * np.sqrt(len(cols)) / 2 * 1.001)
+            assert torch.equal(nq[:, stage], (grid**2).sum(dim=1)) and nq.max() <= 2**28
 
 
 def test_kernel_integer_sums_at_the_range_limit():
@@ -182,7 +191,7 @@ def test_kernel_integer_sums_at_the_range_limit():
     assert fit[:20].all() and not fit.all()  # both routes in one search
     d, i = index.search(queries)
     assert torch.all(i[:, 0] == far)
-    check(bank, queries, 1, variants=[(8, "fp32", True), (None, "fp32", True)])
+    check(bank, queries, 1, variants=[(8, "fp32", True), (8, "fp32", True, 4), (None, "fp32", True)])
 
 
 def test_kernel_probe_rows_are_kept_or_redone():
@@ -199,7 +208,7 @@ def test_kernel_probe_rows_are_kept_or_redone():
     index.search(far)
     assert index.stats.heavy == 320  # the whole chunk went to the full-space filter
     for queries in (near, far, torch.cat([near[:200], far[:100]])):
-        check(bank, queries, 1, variants=[(8, "fp32", True)])
+        check(bank, queries, 1, variants=[(8, "fp32", True), (8, "fp32", True, 4)])
 
 
 def test_queries_beyond_fp32_squares():
@@ -251,8 +260,8 @@ def real_features(mvtec_reduced):
 @pytest.mark.parametrize("k", [1, 3])
 def test_real_features(real_features, k):
     bank, queries = real_features
-    check(bank, queries, k, variants=[(32, "fp32", True), (32, "fp32", False), (None, "fp32", True),
-                                      (32, "bf16", False)])
+    check(bank, queries, k, variants=[(32, "fp32", True), (32, "fp32", True, 16), (32, "fp32", False),
+                                      (None, "fp32", True), (32, "bf16", False)])
 
 
 # ---- CPU detection, the kernel and its fallback ---------------------------------------------
