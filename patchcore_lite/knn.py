@@ -8,12 +8,12 @@ Backends:
   ``|q|^2 - 2 q.b + |b|^2`` rounds: distances differ from ``exact`` by about 1e-5 relative, and on
   near-ties it may return the other neighbour.
 * ``exact`` ``flat``: exact search by a certified filter
-  (``exact_search``): a lower bound of every distance from the bank's 32 leading principal
-  components and a residual norm, then an exact re-rank of the few vectors it cannot rule out.
-  Exact by an implementation-independent definition (the float32 nearest to the true squared
-  distance, ties to the lowest index). Opt-in (``knn_backend="exact"``, ``--knn exact``): with its
-  AVX2 kernel it measured 0.37-1.10x faiss's time depending on the data and the machine's load
-  (benchmarks/RESULTS.md), short of the 0.40 that would make it the default; without a C++
+  (``exact_search``): a lower bound of every distance from the bank's 64 leading principal
+  components and a residual norm (24 of them first), then an exact re-rank of the few vectors it
+  cannot rule out. Exact by an implementation-independent definition (the float32 nearest to the
+  true squared distance, ties to the lowest index). Opt-in (``knn_backend="exact"``, ``--knn exact``):
+  its int16 AVX2 kernel, compiled at first use, measured 0.31-0.38x faiss's time on a bottle-size
+  bank (benchmarks/RESULTS.md), but the gain depends on the data and the CPU; without a C++
   compiler the same stages run as torch ops (same results, slower).
 * ``faiss`` ``ivf`` / ``ivfpq``: inverted lists (and product quantisation, the
   paper's approximate-search ablation): faster on big banks, approximate; ivfpq
@@ -23,9 +23,9 @@ Backends:
   ``chunk_size x tile_size`` floats, and each tile is reduced while it is still in
   the CPU cache (anomalib forms the whole ``N x M`` matrix instead).
 
-Exact search costs ``2 N M D`` flops (N queries, M bank vectors of D dimensions): both
-exact backends are matrix products, so only an approximate index (``ivf``) does less
-work; ``benchmarks/bench_knn.py`` measures all.
+Exact search by matrix products costs ``2 N M D`` flops (N queries, M bank vectors of D
+dimensions); the ``exact`` backend's filter rules most of them out, an approximate index (``ivf``)
+skips most of the bank; ``benchmarks/bench_knn.py`` measures all.
 
 All return Euclidean distances, ascending: the root of faiss's squared L2 distances.
 The official code keeps faiss's squared distances as its scores. Exact ties go to the lowest
