@@ -103,6 +103,16 @@ struct Problem {
   int64_t cap;
 };
 
+// a new filter minimum of query i at panel position m: its exact distance may tighten T_q and both taus
+void tighten(const Problem& P, int64_t i, int64_t m, Row& row) {
+  const double t_up = round_up_f32(sq_dist(P.Q + i * P.d, P.BK + P.perm[m] * P.d, P.d) * (1 + 2 * P.c.g64));
+  if (t_up < row.t) {
+    row.t = t_up;
+    row.tau = tau_of(t_up, P.PQ + i * 4, P.c);
+    if (P.kp1) row.tau1 = tau_of(t_up, P.PQ + i * 4 + 2, P.c);
+  }
+}
+
 // lanes of h (16 bank vectors from panel position j0) for query i that passed h <= tau: push, maybe new seed
 void lanes(const Problem& P, const int32_t* h, unsigned mask, int64_t i, int64_t j0, Row& row,
            std::vector<Pair>& out) {
@@ -117,14 +127,9 @@ void lanes(const Problem& P, const int32_t* h, unsigned mask, int64_t i, int64_t
       row.tau = row.tau1 = INT32_MIN;
       return;
     }
-    if (h[l] < row.best) {  // new filter minimum: its exact distance may tighten T_q
+    if (h[l] < row.best) {
       row.best = h[l];
-      const double t_up = round_up_f32(sq_dist(P.Q + i * P.d, P.BK + P.perm[m] * P.d, P.d) * (1 + 2 * P.c.g64));
-      if (t_up < row.t) {
-        row.t = t_up;
-        row.tau = tau_of(t_up, P.PQ + i * 4, P.c);
-        if (P.kp1) row.tau1 = tau_of(t_up, P.PQ + i * 4 + 2, P.c);
-      }
+      tighten(P, i, m, row);
     }
   }
 }
@@ -201,14 +206,8 @@ void seed4(const Problem& P, int64_t i0, Row* rows) {
         if (h[r][j] < h[r][l]) l = j;
       Row& row = rows[r];
       if (h[r][l] == INT32_MAX || h[r][l] >= row.best) continue;  // padding, or no better than a seed so far
-      const int64_t i = i0 + r;
       row.best = h[r][l];
-      const double t_up = round_up_f32(sq_dist(P.Q + i * P.d, P.BK + P.perm[p * 16 + l] * P.d, P.d) * (1 + 2 * P.c.g64));
-      if (t_up < row.t) {
-        row.t = t_up;
-        row.tau = tau_of(t_up, P.PQ + i * 4, P.c);
-        if (kp1) row.tau1 = tau_of(t_up, P.PQ + i * 4 + 2, P.c);
-      }
+      tighten(P, i0 + r, p * 16 + l, row);
     }
   }
 }
