@@ -517,12 +517,12 @@ class ExactKNN:
         return (dist if squared else dist.sqrt()), torch.cat([p[1] for p in parts])
 
     def _search_chunk(self, c: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        wild = self._overflow_rows(c)
+        spread = (c.double() - self.full.mu).norm(dim=1)  # |q - mu| (both filters share mu)
+        wild = self._overflow_rows(spread)
         if wild.any():  # filter vectors could overflow fp32: brute force by the definition (exact)
             return _by_rows(c, wild, lambda x: reference_search(self.bank, x, k, squared=True),
                             lambda x: self._search_chunk(x, k))
         if k == 1 and self.kernel is not None:
-            spread = (c.double() - self.full.mu).norm(dim=1)
             fit = torch.stack([f.fits(spread) for f in (self.reduced, self.full) if f is not None]).all(dim=0)
             if fit.all():
                 return self._search_fused(c)
@@ -548,10 +548,10 @@ class ExactKNN:
         self.stats.candidates.append(counts)
         return self._rerank(c, qi, mi, t_sq, n, k)
 
-    def _overflow_rows(self, c: Tensor) -> Tensor:
-        """Queries whose scaled filter vectors (or their squares) could leave the fp32 range."""
+    def _overflow_rows(self, spread: Tensor) -> Tensor:
+        """Queries whose scaled filter vectors (or their squares) could leave the fp32 range (spread: |q - mu|)."""
         f = self.reduced or self.full
-        reach = (c.double() - f.mu).norm(dim=1) * f.sigma + f.a_max
+        reach = spread * f.sigma + f.a_max
         return ~(reach * reach < SAFE_SQ)
 
     def _search_fused(self, c: Tensor) -> tuple[Tensor, Tensor]:
