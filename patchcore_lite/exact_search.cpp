@@ -98,7 +98,7 @@ struct Problem {
   int64_t ntree, nlead;
   const float *Q, *BK;
   const double* PQ;  // per query: extra reach and |a^_q|^2, full stage then coarse stage
-  int64_t n, kp, kp1, d, mlen, panels;  // kp: column pairs; kp1: the coarse stage's (0: none)
+  int64_t n, kp, kp1, d, panels;  // kp: column pairs; kp1: the coarse stage's (0: none)
   Consts c;
   int64_t cap;
 };
@@ -280,7 +280,7 @@ std::vector<at::Tensor> filter_knn1(at::Tensor aq, at::Tensor bank_p, at::Tensor
   Problem P{aq.data_ptr<int32_t>(), bank_sq.data_ptr<int32_t>(), bank_sq1.data_ptr<int32_t>(),
             bank_p.data_ptr<int16_t>(), perm.data_ptr<int64_t>(), tree.data_ptr<double>(), lead.data_ptr<float>(),
             tree.size(0), lead.size(1), q.data_ptr<float>(), bank.data_ptr<float>(),
-            per_query.data_ptr<double>(), q.size(0), aq.size(1), kp1, q.size(1), bank.size(0), bank_p.size(0),
+            per_query.data_ptr<double>(), q.size(0), aq.size(1), kp1, q.size(1), bank_p.size(0),
             {sigma, eta, g64, step}, cap};
   const int64_t n4 = aq.size(0), blocks = n4 / 4, ptile = std::max<int64_t>(1, tile / 16);
   std::vector<Row> rows(n4);

@@ -595,11 +595,11 @@ class ExactKNN:
         per_query = torch.stack([extra[:, 0], nq[:, 0], extra[:, 1], nq[:, 1]], 1).contiguous()
         q_pad = torch.zeros((len(c) + 3) // 4 * 4, q.shape[1], dtype=torch.int16)
         q_pad[: len(c)] = q
-        bank_p, bank_sq, perm = self.panels[id(f)]
+        bank_p, bank_sq, bank_sq1, perm = self.panels[id(f)]
         tree_f = self.reduced or self.full  # the panel tree's coordinates
         lead = (a_q if f is tree_f else tree_f.project(c)[0])[:, :TREE_DIMS].contiguous()
-        return self.kernel.filter_knn1(q_pad.view(torch.int32), bank_p, bank_sq[:, 0].contiguous(),
-                                       bank_sq[:, 1].contiguous(), perm, self.tree, lead, f.kp1, c, self.bank, per_query,
+        return self.kernel.filter_knn1(q_pad.view(torch.int32), bank_p, bank_sq, bank_sq1, perm, self.tree, lead,
+                                       f.kp1, c, self.bank, per_query,
                                        f.sigma, f.eta, gamma(c.shape[1] + 2, U64), f.step, self.tile, cap)
 
     def _filter(self, f: Filter, c: Tensor, k: int, t_sq: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -668,10 +668,10 @@ def _panel_tree(a: Tensor, leaf: int = 16, dims: int = TREE_DIMS) -> tuple[Tenso
     return torch.cat(order), torch.tensor(nodes, dtype=torch.float64).view(-1, 4)
 
 
-def _panels(f: Filter, order: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _panels(f: Filter, order: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The bank's int16 rows, in ``order``, packed for the kernel: (P, kp, 16, 2) panels (16 vectors, a
-    column pair each), |a^_m|^2 (P * 16, 2) int32 (full and coarse stage; the largest int32 in the padding:
-    it never passes) and the bank index of each panel position (padding: 0, never read)."""
+    column pair each), |a^_m|^2 of the full and of the coarse stage (P * 16,) int32 each (the largest int32
+    in the padding: it never passes) and the bank index of each panel position (padding: 0, never read)."""
     m, kk = f.bank_q.shape
     p = (m + 15) // 16
     a = torch.zeros(p * 16, kk, dtype=torch.int16)
@@ -680,7 +680,8 @@ def _panels(f: Filter, order: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     sq[:m] = f.bank_qsq[order]
     perm = torch.zeros(p * 16, dtype=torch.long)
     perm[:m] = order
-    return a.view(p, 16, kk // 2, 2).permute(0, 2, 1, 3).contiguous(), sq, perm
+    panels = a.view(p, 16, kk // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return panels, sq[:, 0].contiguous(), sq[:, 1].contiguous(), perm
 
 
 def _by_rows(c: Tensor, mask: Tensor, when: object, otherwise: object) -> tuple[Tensor, Tensor]:
